@@ -1,0 +1,141 @@
+"""Label spaces (ordered label vocabularies) and the explicit mappings between them."""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import CxrlabError, unknown
+
+NO_FINDING = "No Finding"
+
+
+@dataclass(frozen=True)
+class LabelSpace:
+    """An ordered tuple of label names. Index ``i`` of every target/mask/logit vector is ``names[i]``."""
+
+    name: str
+    names: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if len(set(self.names)) != len(self.names):
+            raise CxrlabError(f"label space {self.name!r} repeats a label: {self.names}")
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def index(self, label: str) -> int:
+        if label not in self.names:
+            raise unknown(f"label in label space {self.name!r}:", label, self.names)
+        return self.names.index(label)
+
+    def subset(self, labels: Iterable[str], name: str | None = None) -> "LabelSpace":
+        labels = tuple(labels)
+        for label in labels:
+            self.index(label)
+        return LabelSpace(name or f"{self.name}-subset", labels)
+
+    def with_no_finding(self) -> "LabelSpace":
+        """This space plus a trailing "No Finding" label (for SPML images without a finding)."""
+        if NO_FINDING in self.names:
+            return self
+        return LabelSpace(f"{self.name}+nf", self.names + (NO_FINDING,))
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "names": list(self.names)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "LabelSpace":
+        return cls(data["name"], tuple(data["names"]))
+
+
+NIH14 = LabelSpace(
+    "nih14",
+    (
+        "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
+        "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia",
+    ),
+)
+
+# The 14 CheXpert observations in the column order of CheXpert's train.csv.
+CHEXPERT14 = LabelSpace(
+    "chexpert14",
+    (
+        "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
+        "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other",
+        "Fracture", "Support Devices",
+    ),
+)
+
+# The five labels of the CheXpert competition (official validation protocol).
+CHEXPERT5 = CHEXPERT14.subset(
+    ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"), name="chexpert5"
+)
+
+# MIMIC-CXR-JPG's CheXpert/NegBio labeller columns, in the file's (alphabetical) order.
+MIMIC14 = LabelSpace(
+    "mimic14",
+    (
+        "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum", "Fracture",
+        "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other", "Pneumonia",
+        "Pneumothorax", "Support Devices",
+    ),
+)
+
+LABEL_SPACES = {space.name: space for space in (NIH14, CHEXPERT14, CHEXPERT5, MIMIC14)}
+
+# NIH name -> CheXpert/MIMIC name. Mass and Nodule both become "Lung Lesion"; Pleural_Thickening is
+# an instance of "Pleural Other". Emphysema, Fibrosis and Hernia have no CheXpert counterpart, and
+# Infiltration is deliberately not mapped to "Lung Opacity": the latter is broader.
+NIH_TO_CHEXPERT = {
+    "Atelectasis": "Atelectasis",
+    "Cardiomegaly": "Cardiomegaly",
+    "Effusion": "Pleural Effusion",
+    "Mass": "Lung Lesion",
+    "Nodule": "Lung Lesion",
+    "Pneumonia": "Pneumonia",
+    "Pneumothorax": "Pneumothorax",
+    "Consolidation": "Consolidation",
+    "Edema": "Edema",
+    "Pleural_Thickening": "Pleural Other",
+    NO_FINDING: NO_FINDING,
+}
+
+
+def label_space(name: str) -> LabelSpace:
+    if name not in LABEL_SPACES:
+        raise unknown("label space", name, LABEL_SPACES)
+    return LABEL_SPACES[name]
+
+
+def convert(values: np.ndarray, source: LabelSpace, target: LabelSpace,
+            mapping: dict[str, str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Map an N×|source| 0/1 matrix onto ``target``: returns (target N×|target|, mask N×|target|).
+
+    Labels of ``target`` that nothing maps to get mask 0 (unknown), never a silent 0. Several
+    source labels mapping to one target label are combined with OR.
+    """
+    mapping = mapping if mapping is not None else {n: n for n in source.names}
+    values = np.asarray(values, dtype=np.float32)
+    if values.ndim != 2 or values.shape[1] != len(source):
+        raise CxrlabError(f"expected an N×{len(source)} matrix for {source.name!r}, got {values.shape}")
+    out = np.zeros((len(values), len(target)), dtype=np.float32)
+    mask = np.zeros_like(out)
+    for src_name, dst_name in mapping.items():
+        if src_name not in source.names or dst_name not in target.names:
+            continue
+        j = target.index(dst_name)
+        out[:, j] = np.maximum(out[:, j], values[:, source.index(src_name)])
+        mask[:, j] = 1.0
+    return out, mask
+
+
+def parse_labels(spec: str | Sequence[str]) -> LabelSpace:
+    """A label space from a registered name ("nih14") or an explicit list of label names."""
+    if isinstance(spec, str):
+        return label_space(spec)
+    return LabelSpace("custom", tuple(spec))

@@ -1,0 +1,106 @@
+"""The Objective (a weighted sum of named loss terms) and what every term may know of the data."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import CxrlabError
+from ..output import Output
+from ..registry import LOSSES
+
+
+@dataclass
+class LossContext:
+    """Training-set facts a loss term may need, computed once from the training targets and masks.
+
+    ``pos_count``/``neg_count`` count known positives/negatives per label; ``cooccurrence`` is
+    P(label j positive | label i positive) over known entries (rows sum to anything, diagonal 1);
+    ``expected_positives`` is the mean number of positives per image in the *full* labels when known
+    (EPR/ROLE use it), else the observed mean.
+    """
+
+    label_names: tuple[str, ...]
+    n_train: int
+    pos_count: np.ndarray
+    neg_count: np.ndarray
+    cooccurrence: np.ndarray
+    expected_positives: float
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+    @classmethod
+    def from_targets(cls, label_names, target: np.ndarray, mask: np.ndarray,
+                     full_target: np.ndarray | None = None) -> "LossContext":
+        target = np.asarray(target, dtype=np.float64)
+        mask = np.asarray(mask, dtype=np.float64)
+        pos = (target * mask).sum(0)
+        neg = ((1 - target) * mask).sum(0)
+        known_pos = target * mask
+        joint = known_pos.T @ known_pos
+        cooc = joint / np.maximum(np.diag(joint)[:, None], 1.0)
+        reference = full_target if full_target is not None else known_pos
+        return cls(tuple(label_names), len(target), pos, neg, cooc,
+                   float(np.asarray(reference, dtype=np.float64).sum(1).mean()) if len(target) else 0.0)
+
+
+class LossTerm(nn.Module):
+    """A loss term: built as ``Term(ctx, **args)``, called as ``term(output, batch) -> scalar``.
+
+    ``batch`` is a dict with at least ``target`` (B×L), ``mask`` (B×L, 1 = known) and ``index``
+    (B, row of the training set, for terms that keep per-image state). Masked entries never
+    contribute to a supervised term. Terms with per-epoch behaviour override ``on_epoch_start``.
+    """
+
+    def __init__(self, ctx: LossContext):
+        super().__init__()
+        self.ctx = ctx
+
+    def on_epoch_start(self, epoch: int) -> None:  # noqa: B027 - optional hook
+        pass
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` over entries where ``mask`` is 1; 0 (with gradient) when nothing is known."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+class Objective(nn.Module):
+    """``L = Σ_k w_k · term_k(output, batch)``; returns the total and every term's value by name."""
+
+    def __init__(self, spec: dict, ctx: LossContext):
+        super().__init__()
+        if not spec:
+            raise CxrlabError("the objective has no loss term: set e.g. `loss: {bce: 1.0}`")
+        self.weights: dict[str, float] = {}
+        terms = {}
+        for name, value in spec.items():
+            args = dict(value) if isinstance(value, dict) else {"weight": value}
+            weight = float(args.pop("weight", 1.0))
+            factory = LOSSES.get(name)
+            try:
+                terms[name] = factory(ctx, **args)
+            except TypeError as exc:
+                raise CxrlabError(f"loss {name!r}: bad arguments {args}: {exc}") from exc
+            self.weights[name] = weight
+        self.terms = nn.ModuleDict(terms)
+
+    def on_epoch_start(self, epoch: int) -> None:
+        for term in self.terms.values():
+            term.on_epoch_start(epoch)
+
+    def forward(self, output: Output, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        total = output.logits.new_zeros(())
+        logs = {}
+        for name, term in self.terms.items():
+            value = term(output, batch)
+            total = total + self.weights[name] * value
+            logs[name] = float(value.detach())
+        logs["loss"] = float(total.detach())
+        return total, logs
