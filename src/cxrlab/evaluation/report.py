@@ -1,0 +1,97 @@
+"""A run's report directory: metrics.json, config.json, report.md and the plots it links.
+
+Every run writes one, so a reader can see what was trained and how well it did without rerunning it.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from . import plots
+from .metrics import to_jsonable
+
+HEADLINE = (("macro_auc", "macro AUC"), ("micro_auc", "micro AUC"), ("map", "mAP"),
+            ("macro_f1", "macro F1"), ("micro_f1", "micro F1"),
+            ("macro_f1_at_0.5", "macro F1 @0.5"), ("micro_f1_at_0.5", "micro F1 @0.5"))
+
+
+def write_json(path: Path, obj) -> Path:
+    """Strict JSON (NaN written as null), so any JSON reader can load it."""
+    path.write_text(json.dumps(to_jsonable(obj), indent=2, allow_nan=False) + "\n")
+    return path
+
+
+def write_report(out_dir, metrics: dict, probs, targets, mask, label_names, config: dict | None = None,
+                 history: list[dict] | None = None, train_targets=None, train_mask=None) -> Path:
+    """Write the report directory for ``metrics`` (from ``multilabel_report``) and return report.md's path.
+
+    ``probs``/``targets``/``mask`` are the evaluated set (for ROC curves); ``train_targets``/``train_mask``
+    the training labels (for the co-occurrence heatmap); ``history`` per-epoch dicts (training curves).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = [str(n) for n in label_names]
+    write_json(out / "metrics.json", metrics)
+    if config is not None:
+        write_json(out / "config.json", config)
+    figures = {"ROC curves": plots.plot_roc_curves(out / "roc_curves.png", probs, targets, mask, names,
+                                                   metrics.get("per_label")),
+               "Per-label AUC": plots.plot_auc_bars(out / "auc_bars.png", metrics["per_label"])}
+    if train_targets is not None:
+        figures["Training label co-occurrence P(column | row)"] = plots.plot_cooccurrence(
+            out / "cooccurrence.png", train_targets, train_mask, names)
+    if history:
+        figures["Training curves"] = plots.plot_history(out / "training_curves.png", history)
+    path = out / "report.md"
+    path.write_text(report_markdown(metrics, names, config, figures))
+    return path
+
+
+def _num(x, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "–"
+    return f"{x:.{digits}f}"
+
+
+def _ci(ci) -> str:
+    return f"[{_num(ci[0])}, {_num(ci[1])}]" if ci and ci[0] is not None else ""
+
+
+def report_markdown(metrics: dict, label_names, config: dict | None, figures: dict) -> str:
+    """The Markdown summary: headline metrics (with CI), per-label table, undefined labels, plots."""
+    title = (config or {}).get("name", "evaluation")
+    lines = [f"# Report: {title}", ""]
+    boot = metrics.get("bootstrap")
+    facts = [f"{metrics.get('n_images', '?')} images evaluated",
+             f"thresholds: {metrics.get('threshold_source', 'given')}"]
+    if boot:
+        facts.append(f"{int(boot['ci'] * 100)}% bootstrap CIs from {boot['resamples']} image resamples "
+                     f"(seed {boot['seed']})")
+    if metrics.get("split_sizes"):
+        facts.append("split sizes: " + ", ".join(f"{k} {v}" for k, v in metrics["split_sizes"].items()))
+    lines += [f"- {f}" for f in facts] + ["", "## Headline metrics", "", "| metric | value | CI |", "|---|---:|---|"]
+    for key, label in HEADLINE:
+        if key in metrics:
+            lines.append(f"| {label} | {_num(metrics[key], 4)} | {_ci(metrics.get(key + '_ci'))} |")
+    undefined = metrics.get("undefined_labels") or []
+    lines += ["", "Macro averages skip labels lacking both classes: "
+              + (", ".join(undefined) if undefined else "none") + ".", ""]
+    lines += _per_label_table(metrics["per_label"], label_names)
+    for caption, fig in figures.items():
+        lines += ["", f"## {caption}", "", f"![{caption}]({Path(fig).name})"]
+    return "\n".join(lines) + "\n"
+
+
+def _per_label_table(per_label: dict, label_names) -> list[str]:
+    lines = ["## Per label", "", "| label | AUC [CI] | AP | F1 | threshold | sensitivity | specificity | n+ | n− |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name in label_names:
+        m = per_label.get(name, {})
+        auc = _num(m.get("auc")) + (f" {_ci(m.get('auc_ci'))}" if m.get("auc_ci") else "")
+        if m.get("auc") is None:
+            auc = "undefined"
+        lines.append(f"| {name} | {auc} | {_num(m.get('ap'))} | {_num(m.get('f1'))} | {_num(m.get('threshold'))} "
+                     f"| {_num(m.get('sensitivity'))} | {_num(m.get('specificity'))} "
+                     f"| {m.get('n_positive', '–')} | {m.get('n_negative', '–')} |")
+    return lines
