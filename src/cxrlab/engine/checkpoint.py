@@ -1,0 +1,345 @@
+"""Checkpoints as safetensors + JSON: nothing is pickled and loading never executes code from a file.
+
+A checkpoint is a folder (written to a temporary folder, then renamed into place, so a crash never
+leaves a half-written one):
+
+``model.safetensors``  ``model.*`` (the CxrModel), ``regime.*`` (training-only regime modules),
+                       ``objective.*`` (loss-term state, e.g. ROLE's label matrix)
+``state.safetensors``  what resuming needs: ``optim.*`` optimiser state tensors, ``ema.*`` EMA
+                       weights, ``ema_rng``, ``rng.<rank>.*`` RNG states as uint8 tensors; its
+                       metadata ``structure`` (JSON) describes the optimiser state around those
+                       tensors and holds the scheduler / grad-scaler states
+``checkpoint.json``    format and version, the resolved recipe, label names, thresholds, metrics,
+                       epoch, step, trainer state and each safetensors file's size and SHA-256
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import CxrlabError
+
+FORMAT = "cxrlab-checkpoint"
+VERSION = 1
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "state.safetensors"
+INFO_FILE = "checkpoint.json"
+
+
+# ----------------------------------------------------------------------------------------- writing
+
+def module_tensors(modules: dict[str, nn.Module | None]) -> dict[str, torch.Tensor]:
+    """``{prefix: module}`` -> ``{"prefix.key": tensor}`` over the modules' state dicts."""
+    out = {}
+    for prefix, module in modules.items():
+        if module is not None:
+            out.update({f"{prefix}.{k}": v for k, v in module.state_dict().items()})
+    return out
+
+
+def flatten_optimizer(state_dict: dict, prefix: str = "optim") -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimiser state dict as named tensors plus a JSON-able description that points at them."""
+    tensors, state = {}, {}
+    for idx, entry in state_dict["state"].items():
+        slots = {}
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                name = f"{prefix}.{idx}.{key}"
+                tensors[name] = value
+                slots[key] = {"tensor": name}
+            else:
+                slots[key] = {"value": _encode(value)}
+        state[str(idx)] = slots
+    return tensors, {"state": state, "param_groups": _encode(state_dict["param_groups"])}
+
+
+def unflatten_optimizer(tensors: dict[str, torch.Tensor], structure: dict) -> dict:
+    state = {}
+    for idx, slots in structure["state"].items():
+        state[int(idx)] = {key: tensors[slot["tensor"]] if "tensor" in slot else _decode(slot["value"])
+                           for key, slot in slots.items()}
+    return {"state": state, "param_groups": _decode(structure["param_groups"])}
+
+
+def save_checkpoint(folder: Path, weights: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
+                    structure: dict, info: dict, also: Path | None = None) -> Path:
+    """Write a checkpoint folder atomically; ``also`` gets the same checkpoint (files hard-linked)."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    files = {}
+    for name, tensors, meta in ((MODEL_FILE, weights, {"format": FORMAT}),
+                                (STATE_FILE, state, {"format": FORMAT, "structure": json.dumps(_encode(structure))})):
+        files[name] = _write_tensors(tmp / name, tensors, meta)
+    info = {"format": FORMAT, "version": VERSION, **info, "files": files}
+    _write_json(tmp / INFO_FILE, info)
+    if also is not None:
+        also = Path(also)
+        tmp_also = also.parent / f".{also.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp_also, ignore_errors=True)
+        tmp_also.mkdir()
+        for name in (MODEL_FILE, STATE_FILE, INFO_FILE):
+            try:
+                os.link(tmp / name, tmp_also / name)
+            except OSError:
+                shutil.copy2(tmp / name, tmp_also / name)
+        _commit(tmp_also, also)
+    _commit(tmp, folder)
+    return folder
+
+
+def set_thresholds(checkpoint: Path, thresholds) -> None:
+    """Record decision thresholds (fitted on validation data) in a checkpoint's JSON."""
+    folder = find_checkpoint(checkpoint)
+    info = read_info(folder)
+    info["thresholds"] = [float(t) for t in thresholds]
+    if len(info["thresholds"]) != len(info["labels"]):
+        raise CxrlabError(f"{len(info['thresholds'])} thresholds for {len(info['labels'])} labels")
+    _write_json(folder / INFO_FILE, info)
+
+
+def _write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict) -> dict:
+    from safetensors.torch import save_file
+
+    seen, ready = set(), {}
+    for name, t in tensors.items():
+        t = t.detach().to("cpu").contiguous()
+        key = t.untyped_storage().data_ptr()
+        if t.numel() and key in seen:  # safetensors refuses tensors that share memory (tied weights)
+            t = t.clone()
+        seen.add(key)
+        ready[name] = t
+    save_file(ready, str(path), metadata=metadata)
+    _fsync(path)
+    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(_finite(data), indent=1))
+    _fsync(tmp)
+    os.replace(tmp, path)
+
+
+def _commit(tmp: Path, final: Path) -> None:
+    """Swap ``tmp`` in as ``final``; a directory cannot be renamed over a non-empty one, so the old
+    one is moved aside first (and found by :func:`find_checkpoint` if a crash hits in between)."""
+    old = final.parent / f".{final.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------- reading
+
+def find_checkpoint(path: Path) -> Path:
+    """A checkpoint folder from itself or from a run folder (its ``best/``, else ``last/``)."""
+    path = Path(path)
+    candidates = [path, path / "best", path / "last", path.parent / f".{path.name}.old",
+                  path / ".best.old", path / ".last.old"]
+    for candidate in candidates:
+        if (candidate / INFO_FILE).is_file():
+            return candidate
+    if not path.exists():
+        raise CxrlabError(f"checkpoint not found: {path}")
+    raise CxrlabError(f"no checkpoint in {path} (expected {INFO_FILE}, or a best/ or last/ folder with one)")
+
+
+def latest(run_dir: Path) -> Path | None:
+    """The run's ``last/`` checkpoint to resume from (or the copy a crash mid-swap left), if any."""
+    for candidate in (Path(run_dir) / "last", Path(run_dir) / ".last.old"):
+        if (candidate / INFO_FILE).is_file():
+            return candidate
+    return None
+
+
+def read_info(folder: Path) -> dict:
+    path = Path(folder) / INFO_FILE
+    try:
+        info = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CxrlabError(f"checkpoint file missing: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CxrlabError(f"checkpoint file {path} is corrupt or truncated (not valid JSON: {exc})") from None
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        raise CxrlabError(f"{path} is not a cxrlab checkpoint (format {info.get('format') if isinstance(info, dict) else None!r})")
+    if int(info.get("version", 0)) > VERSION:
+        raise CxrlabError(f"{path}: checkpoint format version {info['version']} is newer than this cxrlab "
+                          f"reads ({VERSION}); upgrade cxrlab")
+    return info
+
+
+def read_tensors(folder: Path, name: str, info: dict, prefix: str | None = None,
+                 with_metadata: bool = False):
+    """Tensors of one checkpoint file (optionally only those under ``prefix.``, with it stripped),
+    after checking the file's size and checksum against ``checkpoint.json``."""
+    from safetensors import safe_open
+
+    path = Path(folder) / name
+    if not path.is_file():
+        raise CxrlabError(f"checkpoint file missing: {path}")
+    expected = info.get("files", {}).get(name)
+    if expected:
+        size = path.stat().st_size
+        if size != expected["bytes"]:
+            raise CxrlabError(f"checkpoint file {path} is truncated or corrupt ({size} bytes, expected "
+                              f"{expected['bytes']})")
+        if _sha256(path) != expected["sha256"]:
+            raise CxrlabError(f"checkpoint file {path} is corrupt (SHA-256 differs from {INFO_FILE})")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            keys = [k for k in f.keys() if prefix is None or k.startswith(prefix + ".")]
+            cut = len(prefix) + 1 if prefix else 0
+            tensors = {k[cut:]: f.get_tensor(k) for k in keys}
+    except Exception as exc:  # safetensors raises its own error types for bad headers/lengths
+        raise CxrlabError(f"checkpoint file {path} is corrupt or truncated ({exc})") from None
+    return (tensors, metadata) if with_metadata else tensors
+
+
+def load_module(module: nn.Module, tensors: dict[str, torch.Tensor], where: Path) -> None:
+    """``load_state_dict`` (strict) with an error that names the file and the mismatched keys."""
+    try:
+        module.load_state_dict(tensors, strict=True)
+    except RuntimeError as exc:
+        raise CxrlabError(f"{where}: weights do not fit the model built from its recipe: {exc}") from None
+
+
+def load_model(checkpoint: Path, ema: bool | None = None):
+    """``(model, info)``: the model rebuilt from the checkpoint's recipe with its weights, in eval mode.
+
+    ``ema`` None uses the EMA weights when the run kept them (they are what validation selected on).
+    ``info`` is the checkpoint JSON: ``recipe``, ``labels``, ``thresholds``, ``metrics``, ...
+    """
+    from ..models import build_model
+
+    folder = find_checkpoint(checkpoint)
+    info = read_info(folder)
+    try:
+        m = info["recipe"]["model"]
+        labels = info["labels"]
+        model = build_model(m["backbone"], m["head"], len(labels), pretrained=False,
+                            drop_rate=m.get("drop_rate", 0.0), head_args=m.get("head_args") or {})
+    except KeyError as exc:
+        raise CxrlabError(f"{folder / INFO_FILE} lacks {exc}") from None
+    use_ema = info.get("ema", False) if ema is None else ema
+    if use_ema:
+        if not info.get("ema", False):
+            raise CxrlabError(f"{folder}: the run kept no EMA weights")
+        weights, where = read_tensors(folder, STATE_FILE, info, prefix="ema"), folder / STATE_FILE
+    else:
+        weights, where = read_tensors(folder, MODEL_FILE, info, prefix="model"), folder / MODEL_FILE
+    load_module(model, weights, where)
+    return model.eval(), info
+
+
+# ----------------------------------------------------------------------------------------- RNG
+
+def capture_rng() -> dict[str, torch.Tensor]:
+    """This process's torch/CUDA/numpy/python RNG states, each as a uint8 tensor."""
+    out = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            out[f"cuda.{i}"] = s
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    out["numpy"] = _bytes(np.asarray(keys, dtype="<u4"))
+    out["numpy_extra"] = _bytes(np.array([pos, has_gauss, cached], dtype="<f8"))
+    version, internal, gauss = random.getstate()
+    out["python"] = _bytes(np.asarray(internal, dtype="<u4"))
+    out["python_extra"] = _bytes(np.array([version, gauss is not None, gauss or 0.0], dtype="<f8"))
+    return out
+
+
+def restore_rng(states: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(states["torch"])
+    cuda = [states[f"cuda.{i}"] for i in range(torch.cuda.device_count()) if f"cuda.{i}" in states]
+    if cuda and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    pos, has_gauss, cached = _unbytes(states["numpy_extra"], "<f8")
+    np.random.set_state(("MT19937", _unbytes(states["numpy"], "<u4"), int(pos), int(has_gauss), float(cached)))
+    version, has, gauss = _unbytes(states["python_extra"], "<f8")
+    internal = tuple(int(v) for v in _unbytes(states["python"], "<u4"))
+    random.setstate((int(version), internal, float(gauss) if has else None))
+
+
+def _bytes(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array).view(np.uint8).copy())
+
+
+def _unbytes(tensor: torch.Tensor, dtype: str) -> np.ndarray:
+    return tensor.numpy().view(dtype).copy()
+
+
+# ----------------------------------------------------------------------------------------- JSON
+
+def _encode(value):
+    """JSON-able form of optimiser/scheduler state: tuples are tagged so they come back as tuples."""
+    if isinstance(value, tuple):
+        return {"__tuple__": [_encode(v) for v in value]}
+    if isinstance(value, list):
+        return [_encode(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _encode(v) for k, v in value.items()}
+    if torch.is_tensor(value) and value.numel() == 1:
+        return value.item()
+    if isinstance(value, (np.floating, np.integer, np.bool_)):
+        return value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return {"__float__": repr(value)}
+    return value
+
+
+def _decode(value):
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    if isinstance(value, dict):
+        if set(value) == {"__tuple__"}:
+            return tuple(_decode(v) for v in value["__tuple__"])
+        if set(value) == {"__float__"}:
+            return float(value["__float__"])
+        return {k: _decode(v) for k, v in value.items()}
+    return value
+
+
+def _finite(value):
+    """NaN/inf metrics as null, so checkpoint.json is standard JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, (np.floating, np.integer, np.bool_)):
+        return _finite(value.item())
+    if isinstance(value, Path):
+        return str(value)
+    return value
