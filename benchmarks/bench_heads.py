@@ -1,0 +1,109 @@
+"""Extra cost per training step of the label-level heads over the linear head, same backbone.
+
+One training step = forward, objective, backward, AdamW step. Variants (all built with
+``cxrlab.models.build_model``, 14 labels):
+
+  linear          linear head, loss {bce}
+  lcl             lcl head, loss {bce, lcl_consistency 0.1, lcl_supcon 0.1}   (the LCL recipe's objective)
+  label_query     label_query head, same objective as lcl
+  lcl (bce only)  / label_query (bce only): the heads alone, to split head cost from loss cost
+
+Repeats are interleaved (variant order rotated each repeat) so drift in machine load hits all alike; the
+median ms/step over repeats is reported with the ratio to ``linear``.
+
+    python benchmarks/bench_heads.py [--steps 5] [--repeats 5] [--threads 1] [--device cpu]
+                                     [--configs resnet18:64:32,resnet50:224:8] [--no-split]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+
+NUM_LABELS = 14
+LCL_LOSS = {"bce": 1.0, "lcl_consistency": 0.1, "lcl_supcon": {"weight": 0.1, "in_dim": 512}}
+
+
+def variants(split: bool) -> list[tuple[str, str, dict]]:
+    out = [("linear", "linear", {"bce": 1.0}), ("lcl", "lcl", LCL_LOSS), ("label_query", "label_query", LCL_LOSS)]
+    if split:
+        out += [("lcl (bce only)", "lcl", {"bce": 1.0}), ("label_query (bce only)", "label_query", {"bce": 1.0})]
+    return out
+
+
+class Step:
+    def __init__(self, backbone: str, head: str, loss: dict, device: torch.device, batches: list[dict]):
+        from cxrlab.losses.base import LossContext, Objective
+        from cxrlab.models import build_model
+
+        torch.manual_seed(0)
+        labels = tuple(f"label_{i}" for i in range(NUM_LABELS))
+        target = torch.cat([b["target"] for b in batches]).cpu().numpy()
+        ctx = LossContext.from_targets(labels, target, np.ones_like(target))
+        self.model = build_model(backbone, head, NUM_LABELS).to(device).train()
+        self.objective = Objective(loss, ctx).to(device)
+        params = list(self.model.parameters()) + list(self.objective.parameters())
+        self.opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-5, fused=True if device.type == "cuda" else None)
+        self.batches = batches
+        self.device = device
+
+    def run(self, steps: int) -> None:
+        for k in range(steps):
+            b = self.batches[k % len(self.batches)]
+            loss, _ = self.objective(self.model(b["image"]), b)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+
+def bench(backbone: str, size: int, batch: int, args, device: torch.device) -> None:
+    g = torch.Generator().manual_seed(0)
+    batches = [{"image": torch.rand(batch, 1, size, size, generator=g).to(device),
+                "target": (torch.rand(batch, NUM_LABELS, generator=g) < 0.2).float().to(device),
+                "mask": torch.ones(batch, NUM_LABELS, device=device)} for _ in range(4)]
+    runs = {name: Step(backbone, head, loss, device, batches) for name, head, loss in variants(not args.no_split)}
+    for step in runs.values():  # warm-up (allocator, first-call overheads)
+        step.run(2)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    names = list(runs)
+    for r in range(args.repeats):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            start = time.perf_counter()
+            runs[name].run(args.steps)
+            times[name].append((time.perf_counter() - start) / args.steps * 1000)
+    base = statistics.median(times["linear"])
+    print(f"\n{backbone} @ {size}px, batch {batch}, {NUM_LABELS} labels, {device}, "
+          f"{args.steps} steps x {args.repeats} repeats (median ms/step)")
+    print(f"  {'variant':<24}{'ms/step':>10}{'ratio':>8}{'extra ms':>10}{'head params':>13}")
+    for name in names:
+        ms = statistics.median(times[name])
+        n_params = sum(p.numel() for p in runs[name].model.head.parameters()) \
+            + sum(p.numel() for p in runs[name].objective.parameters())
+        print(f"  {name:<24}{ms:>10.1f}{ms / base:>8.3f}{ms - base:>10.1f}{n_params / 1e6:>12.2f}M")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--configs", default="resnet18:64:32,resnet50:224:8",
+                        help="comma-separated backbone:size:batch")
+    parser.add_argument("--no-split", action="store_true", help="skip the bce-only variants")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    for config in args.configs.split(","):
+        backbone, size, batch = config.split(":")
+        bench(backbone, int(size), int(batch), args, device)
+
+
+if __name__ == "__main__":
+    main()
