@@ -63,6 +63,7 @@ class OptimConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     momentum: float = 0.9
+    nesterov: bool = False               # sgd only
 
 
 @dataclass
@@ -85,6 +86,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     channels_last: bool = False
+    deterministic: bool = False          # torch deterministic algorithms, no cudnn autotuning (slower on GPU)
+    find_unused_parameters: bool = False  # DDP: set true when some parameters get no gradient in a step
     fold: Any = None                     # [repeat, fold] when split = cv
 
 
@@ -148,13 +151,35 @@ def load_recipe(name_or_path: str | None = None, overrides: list[str] | tuple = 
         if not isinstance(raw, dict):
             raise CxrlabError(f"recipe {path}: expected a mapping at the top level")
         raw.setdefault("name", path.stem)
-    raw = copy.deepcopy(raw)
+    raw = _resolve_base(copy.deepcopy(raw), seen=(str(name_or_path),))
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
             raise CxrlabError(f"override {item!r} is not of the form key=value")
         _set_path(raw, key.strip(), yaml.safe_load(value))
     return from_dict(raw)
+
+
+def _resolve_base(raw: dict, seen: tuple) -> dict:
+    """A recipe may start from another with ``base: <recipe>``; its own keys override the base's."""
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if base in seen:
+        raise CxrlabError(f"recipe base cycle: {' -> '.join(seen + (base,))}")
+    parent = yaml.safe_load(find_recipe(base).read_text()) or {}
+    parent.pop("name", None)
+    return _merge(_resolve_base(parent, seen + (base,)), raw)
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "loss":
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def from_dict(raw: dict) -> Recipe:

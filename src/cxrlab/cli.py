@@ -1,0 +1,167 @@
+"""The ``cxrlab`` command line. Each command is a thin layer over a library function."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import CxrlabError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args) or 0
+    except CxrlabError as exc:
+        print(f"cxrlab: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .data.cache import add_prepare_command
+    from .data.commands import add_data_commands
+
+    parser = argparse.ArgumentParser(prog="cxrlab", description="Multi-label chest X-ray classification.")
+    sub = parser.add_subparsers(dest="command")
+    add_data_commands(sub)
+    add_prepare_command(sub)
+
+    p = sub.add_parser("train", help="train one model from a recipe; writes checkpoints and a test report")
+    _recipe_args(p)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out exactly")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("cv", help="R×K patient-disjoint cross-validation: one model per fold, mean ± std")
+    _recipe_args(p)
+    p.add_argument("--cv", default=None, help="RxK, e.g. 3x5 (default: the recipe's data.repeats x data.folds)")
+    p.set_defaults(func=_cv)
+
+    p = sub.add_parser("compare", help="run recipes on identical splits; side-by-side table")
+    p.add_argument("recipes", nargs="+", help="recipe names or files")
+    p.add_argument("--data", default=None, help="source for every recipe, KIND:LOCATION")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--cv", default=None, help="RxK cross-validation, e.g. 3x5")
+    group.add_argument("--seeds", type=int, default=None, help="N seeds on the recipes' split")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override applied to every recipe (repeatable)")
+    p.add_argument("--out", required=True, type=Path)
+    p.set_defaults(func=_compare)
+
+    p = sub.add_parser("evaluate", help="score a checkpoint on a labelled source")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("--data", required=True, help="KIND:LOCATION")
+    p.add_argument("--policy", default=None)
+    p.add_argument("--split", default="all", help="all | train | val | test (official split column)")
+    p.add_argument("--out", required=True, type=Path)
+    p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("predict", help="probabilities and thresholded labels for images or a folder")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("inputs", nargs="+", type=Path, help="image files or folders")
+    p.add_argument("--out", required=True, type=Path, help="CSV file to write")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.set_defaults(func=_predict)
+
+    p = sub.add_parser("list", help="registered parts")
+    p.add_argument("what", choices=["backbones", "heads", "losses", "regimes", "recipes"])
+    p.add_argument("--filter", default=None, help="for backbones: a timm wildcard, e.g. 'densenet*'")
+    p.set_defaults(func=_list)
+
+    p = sub.add_parser("demo", help="prepare, train, evaluate, report and predict on the embedded synthetic data")
+    p.add_argument("--out", type=Path, default=Path("cxrlab-demo"))
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.set_defaults(func=_demo)
+    return parser
+
+
+def _recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="recipe name (see `cxrlab list recipes`) or YAML file")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.epochs=3 model.backbone=resnet50")
+    p.add_argument("--out", required=True, type=Path)
+
+
+def _train(args) -> int:
+    from .config import load_recipe
+    from .engine.experiment import run
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    result = run(recipe, args.out, resume=args.resume)
+    print(f"report: {result['report']}")
+    return 0
+
+
+def _cv(args) -> int:
+    from .config import load_recipe
+    from .evaluation.cross_validation import run_cv
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    repeats, folds = _parse_cv(args.cv) if args.cv else (recipe.data.repeats, recipe.data.folds)
+    summary = run_cv(recipe, args.out, repeats=repeats, folds=folds)
+    print(f"report: {summary['report']}")
+    return 0
+
+
+def _compare(args) -> int:
+    from .evaluation.cross_validation import compare
+
+    cv = _parse_cv(args.cv) if args.cv else None
+    paths = compare(args.recipes, args.out, data=args.data, cv=cv, seeds=args.seeds, overrides=args.overrides)
+    print(f"comparison: {paths[0]}")
+    return 0
+
+
+def _evaluate(args) -> int:
+    from .inference.predictor import evaluate_checkpoint
+
+    report = evaluate_checkpoint(args.checkpoint, args.data, args.out, policy=args.policy, split=args.split)
+    print(f"report: {report}")
+    return 0
+
+
+def _predict(args) -> int:
+    from .inference.predictor import predict_files
+
+    table = predict_files(args.checkpoint, args.inputs, args.out, batch_size=args.batch_size)
+    print(f"wrote {len(table)} predictions to {args.out}")
+    return 0
+
+
+def _list(args) -> int:
+    from .config import list_recipes
+    from .registry import HEADS, LOSSES, REGIMES
+
+    if args.what == "backbones":
+        import timm
+
+        names = timm.list_models(args.filter or "*")
+    else:
+        names = {"heads": HEADS.names, "losses": LOSSES.names, "regimes": REGIMES.names,
+                 "recipes": list_recipes}[args.what]()
+    print("\n".join(names))
+    return 0
+
+
+def _demo(args) -> int:
+    from .engine.demo import run_demo
+
+    run_demo(args.out, args.overrides)
+    return 0
+
+
+def _parse_cv(text: str) -> tuple[int, int]:
+    try:
+        repeats, folds = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise CxrlabError(f"--cv expects RxK such as 3x5, got {text!r}") from None
+    if repeats < 1 or folds < 2:
+        raise CxrlabError(f"--cv {text}: need at least 1 repeat and 2 folds")
+    return repeats, folds
+
+
+if __name__ == "__main__":
+    sys.exit(main())

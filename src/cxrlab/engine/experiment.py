@@ -1,0 +1,252 @@
+"""One experiment from a recipe: source -> cache -> policy -> split -> train -> thresholds -> test report.
+
+This is the single place where the data layer, the model, the objective, the regime, the trainer and
+the evaluation meet; the CLI commands ``train``, ``cv``, ``compare`` and ``demo`` all call ``run``.
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..config import Recipe
+from ..errors import CxrlabError
+from ..labels import LabelSpace, parse_labels
+
+
+@dataclass
+class PreparedData:
+    """The cached images of a source with its labels after the recipe's policies.
+
+    ``target``/``mask`` are the training labels (e.g. single-positive), ``eval_target``/``eval_mask``
+    the full labels validation and test are scored on, both in the training label space ``labels``;
+    ``full_target`` is set when the training labels withhold positives (SPML), for measuring
+    pseudo-label recovery only. Metrics are reported on ``eval_columns``: the source's own labels,
+    without a "No Finding" label that SPML may have added.
+    """
+
+    labels: LabelSpace
+    images: np.ndarray
+    index: pd.DataFrame          # one row per kept image (meta: path, patient_id, ...)
+    image_rows: np.ndarray       # row of each kept image in ``images``
+    target: np.ndarray
+    mask: np.ndarray
+    eval_target: np.ndarray
+    eval_mask: np.ndarray
+    full_target: np.ndarray | None
+    eval_columns: np.ndarray
+
+    @property
+    def eval_labels(self) -> LabelSpace:
+        return LabelSpace(self.labels.name, tuple(self.labels.names[i] for i in self.eval_columns))
+
+    def strata(self) -> np.ndarray:
+        """Known positives on the evaluated labels: what splits stratify on (identical across policies)."""
+        return (self.eval_target * self.eval_mask)[:, self.eval_columns]
+
+
+def cache_root(recipe: Recipe) -> Path:
+    if recipe.data.cache_dir:
+        return Path(recipe.data.cache_dir)
+    return Path(os.environ.get("CXRLAB_CACHE", Path.home() / ".cache" / "cxrlab"))
+
+
+def prepare_data(recipe: Recipe, progress: bool = True) -> PreparedData:
+    from ..data.cache import open_cache, prepare
+    from ..data.policies import apply_policy
+    from ..data.sources import parse_source
+
+    d = recipe.data
+    key = hashlib.sha1(json.dumps([d.source, d.views, d.image_size], default=str).encode()).hexdigest()[:12]
+    cache_dir = cache_root(recipe) / f"{d.source.split(':', 1)[0]}-{d.image_size}px-{key}"
+    if not (cache_dir / "cache.json").is_file():
+        records = parse_source(d.source, views=d.views)
+        prepare(records, cache_dir, size=d.image_size, progress=progress)
+    images, index, labels, _info = open_cache(cache_dir)
+    values = index[list(labels.names)].to_numpy(dtype=np.float32)
+    if d.labels is not None:
+        wanted = parse_labels(d.labels)
+        missing = [n for n in wanted.names if n not in labels.names]
+        if missing:
+            raise CxrlabError(f"data.labels: {missing} not in the source's labels {list(labels.names)}")
+        values = values[:, [labels.index(n) for n in wanted.names]]
+        labels = wanted
+    if d.policy == "spml":
+        train = apply_policy(values, labels, "spml", per_label=d.policy_per_label, seed=d.seed,
+                             no_finding=d.spml_no_finding)
+        full = apply_policy(values, labels, "u_zeros", per_label=d.policy_per_label)
+        rows = train.rows
+        eval_target, eval_mask = _align(full, train.labels, rows)
+        columns = np.array([train.labels.index(n) for n in labels.names])
+        return PreparedData(train.labels, images, index.iloc[rows].reset_index(drop=True), rows, train.target,
+                            train.mask, eval_target, eval_mask, eval_target.copy(), columns)
+    result = apply_policy(values, labels, d.policy, per_label=d.policy_per_label)
+    rows = result.rows
+    return PreparedData(result.labels, images, index.iloc[rows].reset_index(drop=True), rows,
+                        result.target, result.mask, result.target, result.mask, None, np.arange(len(result.labels)))
+
+
+def _align(full, labels: LabelSpace, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Full labels re-laid on the (possibly No-Finding-extended) SPML label space, rows matched."""
+    target = np.zeros((len(rows), len(labels)), dtype=np.float32)
+    mask = np.zeros_like(target)
+    for j, name in enumerate(labels.names):
+        if name in full.labels.names:
+            k = full.labels.index(name)
+            target[:, j] = full.target[rows, k]
+            mask[:, j] = full.mask[rows, k]
+        else:  # "No Finding" added for SPML: positive when no other finding is
+            target[:, j] = (full.target[rows] * full.mask[rows]).sum(1) == 0
+            mask[:, j] = 1.0
+    return target, mask
+
+
+def build_parts(recipe: Recipe, data: PreparedData, train_rows: np.ndarray):
+    """Model, objective and regime for a recipe, with the loss context from the training rows."""
+    from ..data.transforms import build_augment
+    from ..losses.base import LossContext, Objective
+    from ..models import build_model
+    from ..registry import REGIMES
+
+    m = recipe.model
+    model = build_model(m.backbone, m.head, len(data.labels), pretrained=m.pretrained, drop_rate=m.drop_rate,
+                        head_args=m.head_args)
+    full = data.full_target[train_rows] if data.full_target is not None else None
+    ctx = LossContext.from_targets(data.labels.names, data.target[train_rows], data.mask[train_rows], full)
+    if hasattr(model.head, "set_cooccurrence"):
+        model.head.set_cooccurrence(ctx.cooccurrence)
+    objective = Objective(recipe.loss, ctx)
+    regime_cls = REGIMES.get(recipe.regime.name)
+    args = dict(recipe.regime.args)
+    if "feature_dim" in inspect.signature(regime_cls).parameters and "feature_dim" not in args:
+        args["feature_dim"] = model.backbone.num_features
+    try:
+        regime = regime_cls(build_augment(recipe.augment.weak), build_augment(recipe.augment.strong), **args)
+    except TypeError as exc:
+        raise CxrlabError(f"regime {recipe.regime.name!r}: bad regime.args {args}: {exc}") from exc
+    return model, objective, regime
+
+
+def split_rows(recipe: Recipe, data: PreparedData, manifest: pd.DataFrame | None = None,
+               fold: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+    """Train/val/test row positions (into ``data``), patient-disjoint.
+
+    ``official``: the source's split column; where it lacks a test part (CheXpert) its validation
+    part is the test set, and where it lacks a validation part one is carved from train by patient.
+    ``random``: a stratified patient-disjoint split by ``val_fraction``/``test_fraction``.
+    ``cv``: fold ``fold = (repeat, k)`` of ``manifest`` is the test set; validation is carved from the
+    remaining patients.
+    """
+    from ..data.splits import random_split
+
+    d = recipe.data
+    index = data.index
+    everything = np.arange(len(index))
+    if d.split == "cv" or fold is not None:
+        if manifest is None or fold is None:
+            raise CxrlabError("data.split = cv needs a split manifest and a fold (use `cxrlab cv`)")
+        repeat, k = fold
+        in_repeat = manifest[manifest["repeat"] == repeat].set_index("path")["fold"]
+        folds = index["path"].map(in_repeat)
+        if folds.isna().any():
+            raise CxrlabError(f"split manifest lacks {int(folds.isna().sum())} images of the data, "
+                              f"e.g. {index['path'][folds.isna()].iloc[0]!r}")
+        test = everything[folds.to_numpy() == k]
+        rest = everything[folds.to_numpy() != k]
+        train, val = _carve(rest, data, d.val_fraction, d.seed + 1000 * repeat + k)
+        return {"train": train, "val": val, "test": test}
+    if d.split == "official":
+        if "split" not in index.columns:
+            raise CxrlabError(f"data.split = official but source {d.source!r} has no official split; "
+                              "use data.split=random")
+        parts = {name: everything[index["split"].to_numpy() == name] for name in ("train", "val", "test")}
+        if len(parts["test"]) == 0:
+            parts["test"], parts["val"] = parts["val"], np.array([], dtype=np.int64)
+        if len(parts["val"]) == 0:
+            parts["train"], parts["val"] = _carve(parts["train"], data, d.val_fraction, d.seed)
+        return parts
+    if d.split == "random":
+        parts = random_split(index["patient_id"].to_numpy(), data.strata(),
+                             val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=d.seed)
+        return {name: np.asarray(rows, dtype=np.int64) for name, rows in parts.items()}
+    raise CxrlabError(f"unknown data.split {d.split!r} (valid: official, random, cv)")
+
+
+def _carve(rows: np.ndarray, data: PreparedData, fraction: float, seed: int):
+    from ..data.splits import random_split
+
+    parts = random_split(data.index["patient_id"].to_numpy()[rows], data.strata()[rows],
+                         val_fraction=fraction, test_fraction=0.0, seed=seed)
+    return rows[np.asarray(parts["train"], dtype=np.int64)], rows[np.asarray(parts["val"], dtype=np.int64)]
+
+
+def run(recipe: Recipe, out_dir: Path, resume: bool = False, data: PreparedData | None = None,
+        manifest: pd.DataFrame | None = None, fold: tuple[int, int] | None = None, progress: bool = True) -> dict:
+    """Train on the train part, select on val, fit thresholds on val, and report on test."""
+    from ..data.dataset import ImageSet
+    from ..evaluation.metrics import multilabel_report
+    from ..evaluation.report import write_report
+    from ..evaluation.thresholds import fit_thresholds
+    from .checkpoint import set_thresholds
+    from .trainer import Trainer, make_loader
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = data if data is not None else prepare_data(recipe, progress=progress)
+    parts = split_rows(recipe, data, manifest, fold)
+    for name, rows in parts.items():
+        if len(rows) == 0:
+            raise CxrlabError(f"the {name} part of the split is empty ({recipe.data.split} split of "
+                              f"{len(data.index)} images); adjust data.val_fraction / data.test_fraction")
+    model, objective, regime = build_parts(recipe, data, parts["train"])
+
+    def dataset(rows, train: bool):
+        if train:
+            full = data.full_target[rows] if data.full_target is not None else None
+            return ImageSet(data.images, data.target[rows], data.mask[rows], rows=data.image_rows[rows],
+                            full_target=full)
+        return ImageSet(data.images, data.eval_target[rows], data.eval_mask[rows], rows=data.image_rows[rows])
+
+    t = recipe.train
+    loaders = {
+        "train": make_loader(dataset(parts["train"], True), t.batch_size, shuffle=True, seed=t.seed,
+                             num_workers=recipe.data.num_workers),
+        "val": make_loader(dataset(parts["val"], False), t.batch_size, shuffle=False, seed=t.seed,
+                           num_workers=recipe.data.num_workers),
+        "test": make_loader(dataset(parts["test"], False), t.batch_size, shuffle=False, seed=t.seed,
+                            num_workers=recipe.data.num_workers),
+    }
+    trainer = Trainer(recipe, model, objective, regime, out_dir, data.labels.names)
+    fit = trainer.fit(loaders["train"], loaders["val"], resume=resume)
+
+    names = list(data.eval_labels.names)
+    val_probs, val_target, val_mask = trainer.predict(loaders["val"])
+    test_probs, test_target, test_mask = trainer.predict(loaders["test"])
+    cols = data.eval_columns
+    val_probs, val_target, val_mask = val_probs[:, cols], val_target[:, cols], val_mask[:, cols]
+    test_probs, test_target, test_mask = test_probs[:, cols], test_target[:, cols], test_mask[:, cols]
+    thresholds = fit_thresholds(val_probs, val_target, val_mask, method=recipe.eval.threshold)
+    metrics = multilabel_report(test_probs, test_target, test_mask, names, thresholds=thresholds,
+                                bootstrap=recipe.eval.bootstrap, ci=recipe.eval.ci, seed=recipe.train.seed)
+    metrics["split_sizes"] = {name: int(len(rows)) for name, rows in parts.items()}
+    if fit.get("epoch_stats"):
+        metrics["training"] = fit["epoch_stats"]
+    thresholds_all = np.full(len(data.labels), 0.5)
+    thresholds_all[data.eval_columns] = thresholds
+    set_thresholds(fit["checkpoint"], thresholds_all.tolist())
+    train_rows = parts["train"]
+    report = write_report(out_dir / "report", metrics, test_probs, test_target, test_mask, names,
+                          config=recipe.to_dict(), history=fit.get("history"),
+                          train_targets=data.eval_target[train_rows][:, cols],
+                          train_mask=data.eval_mask[train_rows][:, cols])
+    predictions = pd.DataFrame(test_probs, columns=names)
+    predictions.insert(0, "path", data.index["path"].to_numpy()[parts["test"]])
+    predictions.to_csv(out_dir / "report" / "test_predictions.csv", index=False, float_format="%.6f")
+    return {"report": Path(report), "metrics": metrics, "checkpoint": fit["checkpoint"], "model": trainer.model,
+            "history": fit.get("history")}

@@ -1,0 +1,123 @@
+"""Repeated K-fold cross-validation and side-by-side comparison of recipes on identical splits."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..config import Recipe, load_recipe
+from ..errors import CxrlabError
+
+
+def make_manifest(recipe: Recipe, data, repeats: int, folds: int, out_file: Path):
+    """The R×K patient-disjoint, multi-label-stratified manifest for ``data`` (written to ``out_file``)."""
+    from ..data.splits import repeated_kfold, write_manifest
+
+    manifest = repeated_kfold(data.index["path"].to_numpy(), data.index["patient_id"].to_numpy(),
+                              data.strata(), folds=folds, repeats=repeats,
+                              seed=recipe.data.seed)
+    write_manifest(manifest, out_file)
+    return manifest
+
+
+def run_cv(recipe: Recipe, out_dir: Path, repeats: int, folds: int, data=None, manifest=None,
+           progress: bool = True) -> dict:
+    """One model per fold of R×K CV; writes ``summary.json`` / ``summary.md`` with mean ± std."""
+    from ..engine.experiment import prepare_data, run
+    from .metrics import aggregate
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = data if data is not None else prepare_data(recipe, progress=progress)
+    if manifest is None:
+        manifest = make_manifest(recipe, data, repeats, folds, out_dir / "splits.csv")
+    reports = []
+    for repeat in range(repeats):
+        for k in range(folds):
+            fold_dir = out_dir / f"r{repeat}f{k}"
+            done = fold_dir / "report" / "metrics.json"
+            if done.is_file():  # a finished fold is kept: an interrupted CV resumes where it stopped
+                reports.append(json.loads(done.read_text()))
+                continue
+            result = run(recipe, fold_dir, data=data, manifest=manifest, fold=(repeat, k), progress=progress)
+            reports.append(result["metrics"])
+    summary = aggregate(reports)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=_nan_to_none))
+    (out_dir / "summary.md").write_text(_summary_markdown(recipe.name, summary, repeats, folds))
+    summary["report"] = str(out_dir / "summary.md")
+    return summary
+
+
+def compare(recipes: list[str], out_dir: Path, data: str | None = None, cv: tuple[int, int] | None = None,
+            seeds: int | None = None, overrides: list[str] = (), progress: bool = True):
+    """Run several recipes on identical data and splits; write comparison.md and comparison.json.
+
+    With ``cv = (R, K)`` every recipe uses the same R×K manifest (made once, from the first recipe's
+    labels); with ``seeds = N`` every recipe trains N times (train.seed = 0..N-1) on the recipe split.
+    """
+    from ..engine.experiment import prepare_data, run
+    from .metrics import aggregate, write_comparison
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    extra = list(overrides) + ([f"data.source={data}"] if data else [])
+    loaded = {}
+    for name in recipes:
+        recipe = load_recipe(name, extra)
+        if recipe.name in loaded:
+            raise CxrlabError(f"recipe {recipe.name!r} given twice")
+        loaded[recipe.name] = recipe
+    first = next(iter(loaded.values()))
+    _check_same_data(loaded)
+    shared = prepare_data(first, progress=progress)
+    results = {}
+    manifest = None
+    if cv:
+        manifest = make_manifest(first, shared, cv[0], cv[1], out_dir / "splits.csv")
+    for name, recipe in loaded.items():
+        data_for_recipe = shared if _same_labels(first, recipe) else prepare_data(recipe, progress=progress)
+        if cv:
+            summary = run_cv(recipe, out_dir / name, cv[0], cv[1], data=data_for_recipe, manifest=manifest,
+                             progress=progress)
+        else:
+            reports = []
+            for seed in range(seeds or 1):
+                recipe.train.seed = seed
+                run_dir = out_dir / name / f"seed{seed}"
+                done = run_dir / "report" / "metrics.json"
+                if done.is_file():
+                    reports.append(json.loads(done.read_text()))
+                    continue
+                reports.append(run(recipe, run_dir, data=data_for_recipe, progress=progress)["metrics"])
+            summary = aggregate(reports)
+        results[name] = summary
+    return write_comparison(results, out_dir)
+
+
+def _check_same_data(recipes: dict) -> None:
+    keys = {(r.data.source, r.data.image_size, str(r.data.views)) for r in recipes.values()}
+    if len(keys) > 1:
+        raise CxrlabError(f"compare needs every recipe on the same data; got {sorted(keys)} "
+                          "(pass --data and --set data.image_size=...)")
+
+
+def _same_labels(a: Recipe, b: Recipe) -> bool:
+    fields = ("labels", "policy", "policy_per_label", "spml_no_finding", "seed")
+    return all(getattr(a.data, f) == getattr(b.data, f) for f in fields)
+
+
+def _nan_to_none(value):
+    if isinstance(value, float) and np.isnan(value):
+        return None
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    raise TypeError(type(value))
+
+
+def _summary_markdown(name: str, summary: dict, repeats: int, folds: int) -> str:
+    lines = [f"# {name}: {repeats}×{folds} cross-validation", "", "| metric | mean ± std |", "|---|---|"]
+    for key in ("macro_auc", "micro_auc", "map", "macro_f1", "micro_f1", "macro_f1_at_0.5"):
+        if key in summary:
+            lines.append(f"| {key} | {summary[key]['mean']:.4f} ± {summary[key]['std']:.4f} |")
+    return "\n".join(lines) + "\n"
