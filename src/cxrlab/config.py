@@ -59,7 +59,7 @@ class AugmentConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"                  # adamw | sgd
+    name: str = "adamw"                  # adamw | adam | sgd
     lr: float = 1e-3
     weight_decay: float = 1e-4
     momentum: float = 0.9
@@ -172,10 +172,15 @@ def _resolve_base(raw: dict, seen: tuple) -> dict:
     return _merge(_resolve_base(parent, seen + (base,)), raw)
 
 
+# sections a recipe replaces whole instead of merging into its base's: a loss, head or regime's
+# arguments only make sense together (a new head must not inherit the old head's arguments)
+_REPLACED = ("loss", "head_args", "args")
+
+
 def _merge(base: dict, top: dict) -> dict:
     out = dict(base)
     for key, value in top.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "loss":
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in _REPLACED:
             out[key] = _merge(out[key], value)
         else:
             out[key] = value

@@ -63,10 +63,10 @@ def prepare_data(recipe: Recipe, progress: bool = True) -> PreparedData:
     from ..data.sources import parse_source
 
     d = recipe.data
-    key = hashlib.sha1(json.dumps([d.source, d.views, d.image_size], default=str).encode()).hexdigest()[:12]
+    key = hashlib.sha1(json.dumps([d.source, d.views, d.image_size, d.labels], default=str).encode()).hexdigest()[:12]
     cache_dir = cache_root(recipe) / f"{d.source.split(':', 1)[0]}-{d.image_size}px-{key}"
     if not (cache_dir / "cache.json").is_file():
-        records = parse_source(d.source, views=d.views)
+        records = parse_source(d.source, views=d.views, labels=d.labels)
         prepare(records, cache_dir, size=d.image_size, progress=progress)
     images, index, labels, _info = open_cache(cache_dir)
     values = index[list(labels.names)].to_numpy(dtype=np.float32)
@@ -78,8 +78,9 @@ def prepare_data(recipe: Recipe, progress: bool = True) -> PreparedData:
         values = values[:, [labels.index(n) for n in wanted.names]]
         labels = wanted
     if d.policy == "spml":
+        # keyed by image path so each image's kept positive does not depend on row order
         train = apply_policy(values, labels, "spml", per_label=d.policy_per_label, seed=d.seed,
-                             no_finding=d.spml_no_finding)
+                             no_finding=d.spml_no_finding, keys=index["path"].to_numpy())
         full = apply_policy(values, labels, "u_zeros", per_label=d.policy_per_label)
         rows = train.rows
         eval_target, eval_mask = _align(full, train.labels, rows)
@@ -113,7 +114,9 @@ def build_parts(recipe: Recipe, data: PreparedData, train_rows: np.ndarray):
     from ..losses.base import LossContext, Objective
     from ..models import build_model
     from ..registry import REGIMES
+    from .trainer import seed_everything
 
+    seed_everything(recipe.train.seed)  # model init and regime modules are part of the seeded run
     m = recipe.model
     model = build_model(m.backbone, m.head, len(data.labels), pretrained=m.pretrained, drop_rate=m.drop_rate,
                         head_args=m.head_args)
@@ -237,6 +240,9 @@ def run(recipe: Recipe, out_dir: Path, resume: bool = False, data: PreparedData 
     metrics["split_sizes"] = {name: int(len(rows)) for name, rows in parts.items()}
     if fit.get("epoch_stats"):
         metrics["training"] = fit["epoch_stats"]
+        # the last epoch's regime statistics (e.g. MPC pseudo-label precision/recall) at the top level,
+        # so cross-validation and comparisons aggregate them like any metric
+        metrics.update({k: v for k, v in fit["epoch_stats"][-1].items() if k != "epoch"})
     thresholds_all = np.full(len(data.labels), 0.5)
     thresholds_all[data.eval_columns] = thresholds
     set_thresholds(fit["checkpoint"], thresholds_all.tolist())
@@ -245,8 +251,31 @@ def run(recipe: Recipe, out_dir: Path, resume: bool = False, data: PreparedData 
                           config=recipe.to_dict(), history=fit.get("history"),
                           train_targets=data.eval_target[train_rows][:, cols],
                           train_mask=data.eval_mask[train_rows][:, cols])
+    head = getattr(trainer.model, "head", None)
+    if hasattr(head, "correlation"):
+        _plot_correlation(out_dir / "report" / "correlation.png", head, data, train_rows)
     predictions = pd.DataFrame(test_probs, columns=names)
     predictions.insert(0, "path", data.index["path"].to_numpy()[parts["test"]])
     predictions.to_csv(out_dir / "report" / "test_predictions.csv", index=False, float_format="%.6f")
     return {"report": Path(report), "metrics": metrics, "checkpoint": fit["checkpoint"], "model": trainer.model,
             "history": fit.get("history")}
+
+
+def _plot_correlation(path: Path, head, data: PreparedData, train_rows: np.ndarray) -> None:
+    """The head's learned global label correlation G next to the training labels' co-occurrence
+    P(j | i), both row-normalised with the diagonal blanked, so their off-diagonal structure compares."""
+    from ..evaluation.metrics import label_cooccurrence
+    from ..evaluation.plots import plot_matrices
+
+    def offdiag(m: np.ndarray) -> np.ndarray:
+        m = np.array(m, dtype=np.float64)
+        np.fill_diagonal(m, 0.0)
+        rows = m.sum(1, keepdims=True)
+        m = np.divide(m, rows, out=np.zeros_like(m), where=rows > 0)
+        np.fill_diagonal(m, np.nan)
+        return m
+
+    g = head.correlation().detach().float().cpu().numpy()
+    co = label_cooccurrence(data.target[train_rows], data.mask[train_rows])
+    plot_matrices(path, {f"learned G ({head.correlation_source})": offdiag(g),
+                         "training co-occurrence P(j | i)": offdiag(co)}, list(data.labels.names))

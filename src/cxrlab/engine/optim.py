@@ -45,7 +45,8 @@ def param_groups(modules: Iterable[nn.Module], objective: nn.Module | None, lr: 
 
 def build_optimizer(cfg: OptimConfig, modules: Iterable[nn.Module], objective: nn.Module | None = None,
                     fused: bool = False) -> torch.optim.Optimizer:
-    """AdamW or SGD (momentum, optional Nesterov) over :func:`param_groups`.
+    """AdamW, Adam (L2 weight decay, as several CXR papers train) or SGD (momentum, optional Nesterov)
+    over :func:`param_groups`.
 
     ``fused`` picks PyTorch's fused CUDA kernels (AdamW), worth having when every parameter is on a GPU.
     """
@@ -55,12 +56,14 @@ def build_optimizer(cfg: OptimConfig, modules: Iterable[nn.Module], objective: n
     name = cfg.name.lower()
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
+    if name == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
     if name == "sgd":
         if cfg.nesterov and cfg.momentum <= 0:
             raise CxrlabError("optim.nesterov needs optim.momentum > 0")
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                weight_decay=cfg.weight_decay)
-    raise CxrlabError(f"unknown optim.name {cfg.name!r} (valid: adamw, sgd)")
+    raise CxrlabError(f"unknown optim.name {cfg.name!r} (valid: adamw, adam, sgd)")
 
 
 def lr_factor(cfg: ScheduleConfig, step: int, epochs: int, steps_per_epoch: int) -> float:

@@ -428,6 +428,10 @@ def _cell(stats: dict | None, best: bool = False) -> str:
     return f"**{text}**" if best else text
 
 
+# shown in comparison.md when some recipe reports them (MPC's pseudo-label recovery on hidden positives)
+OPTIONAL_COLUMNS = ("pseudo_pos_precision", "pseudo_pos_recall")
+
+
 def write_comparison(results: dict, out_dir, metrics: Sequence[str] = ("macro_auc", "map", "macro_f1")):
     """Write ``comparison.json`` (recipe → metric → {mean, std, n}) and a side-by-side ``comparison.md``.
 
@@ -447,7 +451,8 @@ def write_comparison(results: dict, out_dir, metrics: Sequence[str] = ("macro_au
     json_path = out_dir / "comparison.json"
     json_path.write_text(json.dumps(to_jsonable(table), indent=2, allow_nan=False) + "\n")
     md_path = out_dir / "comparison.md"
-    md_path.write_text(_comparison_markdown(results, table, list(metrics)))
+    extra = [m for m in OPTIONAL_COLUMNS if any(m in row for row in table.values())]
+    md_path.write_text(_comparison_markdown(results, table, list(metrics) + extra))
     return md_path, json_path
 
 

@@ -1,9 +1,12 @@
 """Model = timm backbone (feature map) + a registered head (returns an Output)."""
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
+from ..errors import unknown
 from ..output import Output
 from ..registry import HEADS
 from .backbone import Backbone
@@ -28,5 +31,11 @@ class CxrModel(nn.Module):
 def build_model(backbone: str, head: str, num_labels: int, pretrained: bool | str = False,
                 drop_rate: float = 0.0, head_args: dict | None = None) -> CxrModel:
     net = Backbone(backbone, pretrained=pretrained, drop_rate=drop_rate)
-    head_module = HEADS.get(head)(net.num_features, num_labels, **(head_args or {}))
+    head_cls = HEADS.get(head)
+    args = dict(head_args or {})
+    accepted = [p for p in inspect.signature(head_cls).parameters if p not in ("in_features", "num_labels")]
+    for key in args:
+        if key not in accepted:
+            raise unknown(f"model.head_args key for head {head!r}", key, accepted)
+    head_module = head_cls(net.num_features, num_labels, **args)
     return CxrModel(net, head_module)
