@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -11,7 +10,13 @@ from .errors import CxrlabError
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # KEY=VALUE overrides may come before or after the options (argparse alone takes them only before)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if isinstance(getattr(args, "overrides", None), list) and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides += extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -91,7 +96,8 @@ def _train(args) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     result = run(recipe, args.out, resume=args.resume)
-    print(f"report: {result['report']}")
+    if _is_main():
+        print(f"report: {result['report']}")
     return 0
 
 
@@ -151,6 +157,12 @@ def _demo(args) -> int:
 
     run_demo(args.out, args.overrides)
     return 0
+
+
+def _is_main() -> bool:
+    from .engine.distributed import is_main
+
+    return is_main()
 
 
 def _parse_cv(text: str) -> tuple[int, int]:

@@ -199,9 +199,18 @@ def run(recipe: Recipe, out_dir: Path, resume: bool = False, data: PreparedData 
     from .checkpoint import set_thresholds
     from .trainer import Trainer, make_loader
 
+    from . import distributed as dist
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    data = data if data is not None else prepare_data(recipe, progress=progress)
+    if data is None:
+        # under torchrun the main process builds the cache; the others open it once it is complete
+        ddp = dist.init_distributed()
+        if ddp.is_main:
+            data = prepare_data(recipe, progress=progress)
+        dist.barrier()
+        if data is None:
+            data = prepare_data(recipe, progress=False)
     parts = split_rows(recipe, data, manifest, fold)
     for name, rows in parts.items():
         if len(rows) == 0:
@@ -243,6 +252,10 @@ def run(recipe: Recipe, out_dir: Path, resume: bool = False, data: PreparedData 
         # the last epoch's regime statistics (e.g. MPC pseudo-label precision/recall) at the top level,
         # so cross-validation and comparisons aggregate them like any metric
         metrics.update({k: v for k, v in fit["epoch_stats"][-1].items() if k != "epoch"})
+    if not dist.is_main():  # every rank holds the gathered predictions; one writes the report
+        dist.barrier()
+        return {"report": out_dir / "report" / "report.md", "metrics": metrics, "checkpoint": fit["checkpoint"],
+                "model": trainer.model, "history": fit.get("history")}
     thresholds_all = np.full(len(data.labels), 0.5)
     thresholds_all[data.eval_columns] = thresholds
     set_thresholds(fit["checkpoint"], thresholds_all.tolist())
@@ -257,6 +270,7 @@ def run(recipe: Recipe, out_dir: Path, resume: bool = False, data: PreparedData 
     predictions = pd.DataFrame(test_probs, columns=names)
     predictions.insert(0, "path", data.index["path"].to_numpy()[parts["test"]])
     predictions.to_csv(out_dir / "report" / "test_predictions.csv", index=False, float_format="%.6f")
+    dist.barrier()
     return {"report": Path(report), "metrics": metrics, "checkpoint": fit["checkpoint"], "model": trainer.model,
             "history": fit.get("history")}
 

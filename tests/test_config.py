@@ -1,0 +1,90 @@
+"""Recipes: every shipped recipe builds; bad keys, types and values are errors that name them."""
+import inspect
+
+import numpy as np
+import pytest
+
+from cxrlab.config import list_recipes, load_recipe
+from cxrlab.data.transforms import parse_spec
+from cxrlab.errors import CxrlabError
+from cxrlab.losses.base import LossContext, Objective
+from cxrlab.registry import HEADS, REGIMES
+
+
+@pytest.mark.parametrize("name", list_recipes())
+def test_every_shipped_recipe_builds_its_parts(name):
+    recipe = load_recipe(name)
+    head = HEADS.get(recipe.model.head)
+    accepted = set(inspect.signature(head).parameters)
+    assert set(recipe.model.head_args) <= accepted, f"{name}: head_args not accepted by {recipe.model.head}"
+    labels = tuple(f"l{i}" for i in range(15))
+    target = (np.random.default_rng(0).random((40, 15)) < 0.3).astype(np.float32)
+    Objective(recipe.loss, LossContext.from_targets(labels, target, np.ones_like(target)))
+    regime = REGIMES.get(recipe.regime.name)
+    args = dict(recipe.regime.args)
+    if "feature_dim" in inspect.signature(regime).parameters:
+        args.setdefault("feature_dim", 512)
+    regime(lambda x: x, lambda x: x, **args)
+    parse_spec(recipe.augment.weak)
+    parse_spec(recipe.augment.strong)
+    assert recipe.data.source.split(":", 1)[0] in {"nih", "chexpert", "mimic", "synthetic", "csv", "folder"}
+
+
+def test_paper_recipes_follow_their_protocols():
+    lcl = load_recipe("lcl_chexpert")
+    assert (lcl.data.policy, lcl.data.image_size, lcl.data.split, lcl.data.repeats, lcl.data.folds) == \
+        ("u_ones", 224, "cv", 3, 5)
+    assert lcl.model.head == "lcl" and set(lcl.loss) == {"weighted_bce", "lcl_consistency", "lcl_supcon"}
+    baseline = load_recipe("lcl_chexpert_bce")
+    assert baseline.model.head == "linear" and baseline.model.head_args == {}  # head args are not inherited
+    assert (baseline.data, baseline.optim, baseline.train) == (lcl.data, lcl.optim, lcl.train)
+    mpc = load_recipe("mpc_chexpert")
+    assert mpc.data.policy == "spml" and mpc.regime.name == "mpc"
+    assert set(mpc.loss) == {"spml_observed", "mpc_ipc", "mpc_fpc", "mpc_btc"}
+    ablation = load_recipe("mpc_synthetic_ipc")
+    assert ablation.regime.args["fpc"] is False and ablation.regime.args["btc"] is False
+    assert parse_spec(ablation.augment.strong)["elastic"] == 0.0
+    assert parse_spec(load_recipe("mpc_synthetic_red").augment.strong)["elastic"] > 0
+
+
+def test_overrides_are_typed():
+    recipe = load_recipe("demo", ["train.epochs=2", "optim.lr=0.01", "model.backbone=resnet50",
+                                  "data.views=[PA, AP]", "train.ema=null"])
+    assert recipe.train.epochs == 2 and recipe.optim.lr == 0.01 and recipe.model.backbone == "resnet50"
+    assert recipe.data.views == ["PA", "AP"] and recipe.train.ema is None
+
+
+@pytest.mark.parametrize("override, words", [
+    (["train.epoch=3"], ["train.epoch", "did you mean", "epochs"]),
+    (["modle.backbone=x"], ["modle", "model"]),
+    (["train.epochs=three"], ["train.epochs", "int"]),
+    (["train.channels_last=maybe"], ["train.channels_last", "true/false"]),
+    (["optim.lr=fast"], ["optim.lr", "float"]),
+    (["train.epochs"], ["train.epochs", "key=value"]),
+])
+def test_bad_overrides_name_the_key(override, words):
+    with pytest.raises(CxrlabError) as exc:
+        load_recipe("demo", override)
+    for word in words:
+        assert word in str(exc.value)
+
+
+def test_unknown_recipe_and_bad_files(tmp_path):
+    with pytest.raises(CxrlabError, match="lcl_chexpert"):
+        load_recipe("lcl_chexprt")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: {source: [unclosed\n")
+    with pytest.raises(CxrlabError, match="bad.yaml"):
+        load_recipe(str(bad))
+    loop = tmp_path / "loop.yaml"
+    loop.write_text(f"base: {loop}\n")
+    with pytest.raises(CxrlabError, match="cycle"):
+        load_recipe(str(loop))
+
+
+def test_unknown_loss_and_loss_argument_are_named():
+    ctx = LossContext.from_targets(("a", "b"), np.eye(2, dtype=np.float32), np.ones((2, 2), np.float32))
+    with pytest.raises(CxrlabError, match="focal"):
+        Objective({"focall": 1.0}, ctx)
+    with pytest.raises(CxrlabError, match="gama"):
+        Objective({"focal": {"weight": 1.0, "gama": 2}}, ctx)
