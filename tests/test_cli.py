@@ -78,6 +78,11 @@ def test_cv_and_compare(trained, tmp_path):
     assert set(table) == {"demo", "spml_an"}
     assert set(table["demo"]["macro_auc"]) == {"mean", "std", "n"}
     assert "| demo |" in (out / "comparison.md").read_text()
+    # a single-positive checkpoint predicts an added "No Finding" label; a source without it still scores
+    spml = out / "spml_an" / "seed0" / "best"
+    assert main(["evaluate", str(spml), "--data", "synthetic:64,seed=3,size=32", "--out", str(tmp_path / "ev")]) == 0
+    scored = json.loads(next((tmp_path / "ev").rglob("metrics.json")).read_text())["per_label"]
+    assert "No Finding" not in scored and "Effusion" in scored
 
 
 def test_list_and_bad_commands(capsys):

@@ -4,10 +4,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
-
 from ..config import Recipe, load_recipe
 from ..errors import CxrlabError
+from .metrics import to_jsonable
 
 
 def make_manifest(recipe: Recipe, data, repeats: int, folds: int, out_file: Path):
@@ -43,7 +42,7 @@ def run_cv(recipe: Recipe, out_dir: Path, repeats: int, folds: int, data=None, m
             result = run(recipe, fold_dir, data=data, manifest=manifest, fold=(repeat, k), progress=progress)
             reports.append(result["metrics"])
     summary = aggregate(reports)
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=_nan_to_none))
+    (out_dir / "summary.json").write_text(json.dumps(to_jsonable(summary), indent=2, allow_nan=False))
     (out_dir / "summary.md").write_text(_summary_markdown(recipe.name, summary, repeats, folds))
     summary["report"] = str(out_dir / "summary.md")
     return summary
@@ -105,14 +104,6 @@ def _check_same_data(recipes: dict) -> None:
 def _same_labels(a: Recipe, b: Recipe) -> bool:
     fields = ("labels", "policy", "policy_per_label", "spml_no_finding", "seed")
     return all(getattr(a.data, f) == getattr(b.data, f) for f in fields)
-
-
-def _nan_to_none(value):
-    if isinstance(value, float) and np.isnan(value):
-        return None
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    raise TypeError(type(value))
 
 
 def _summary_markdown(name: str, summary: dict, repeats: int, folds: int) -> str:

@@ -432,7 +432,8 @@ def _cell(stats: dict | None, best: bool = False) -> str:
 OPTIONAL_COLUMNS = ("pseudo_pos_precision", "pseudo_pos_recall")
 
 
-def write_comparison(results: dict, out_dir, metrics: Sequence[str] = ("macro_auc", "map", "macro_f1")):
+def write_comparison(results: dict, out_dir,
+                     metrics: Sequence[str] = ("macro_auc", "map", "macro_f1", "macro_f1_at_0.5")):
     """Write ``comparison.json`` (recipe → metric → {mean, std, n}) and a side-by-side ``comparison.md``.
 
     ``results`` maps recipe name → ``aggregate(...)`` output. The JSON holds every aggregated top-level

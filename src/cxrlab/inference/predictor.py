@@ -2,6 +2,7 @@
 evaluation on a labelled source."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -39,12 +40,50 @@ class Predictor:
 
     @torch.no_grad()
     def predict(self, images: list[np.ndarray], batch_size: int = 32) -> np.ndarray:
+        """Probabilities for in-memory images (float [0, 1] or uint8, any size)."""
+        return self._predict_batches(
+            np.stack([self.fit_size(im) for im in images[start:start + batch_size]])
+            for start in range(0, len(images), batch_size))
+
+    def predict_files(self, paths: list[Path], batch_size: int = 32, workers: int | None = None) -> np.ndarray:
+        """Probabilities for image files (PNG, JPEG, DICOM)."""
+        from ..data.images import read_image
+
+        paths = list(paths)
+        return self.predict_read(lambda i: read_image(paths[i]), len(paths), batch_size, workers)
+
+    @torch.no_grad()
+    def predict_read(self, read, n: int, batch_size: int = 32, workers: int | None = None) -> np.ndarray:
+        """Probabilities for images ``read(0) .. read(n-1)``, decoded and resized in ``workers`` processes
+        batch by batch: memory holds one batch of full-size images at a time, however many there are."""
+        from torch.utils.data import DataLoader
+
+        workers = min(4, os.cpu_count() or 1) if workers is None else workers
+        loader = DataLoader(_Fitted(read, n, self.image_size), batch_size=batch_size,
+                            num_workers=workers if n > batch_size else 0)
+        return self._predict_batches(batch.numpy() for batch in loader)
+
+    def _predict_batches(self, batches) -> np.ndarray:
         out = []
-        for start in range(0, len(images), batch_size):
-            chunk = np.stack([self.fit_size(im) for im in images[start:start + batch_size]])
+        for chunk in batches:
             x = torch.from_numpy(chunk).float().div_(255.0).unsqueeze(1).to(self.device)
             out.append(torch.sigmoid(self.model(x).logits.float()).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, len(self.label_names)), dtype=np.float32)
+
+
+class _Fitted(torch.utils.data.Dataset):
+    """Images ``read(i)`` fitted to the model's input size (uint8)."""
+
+    def __init__(self, read, n: int, size: int):
+        self.read, self.n, self.size = read, n, size
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        from ..data.cache import fit_image
+
+        return fit_image(self.read(i), self.size)
 
 
 def collect_images(inputs: list[Path]) -> list[Path]:
@@ -65,11 +104,9 @@ def collect_images(inputs: list[Path]) -> list[Path]:
 def predict_files(checkpoint: Path, inputs: list[Path], out_csv: Path, batch_size: int = 32) -> pd.DataFrame:
     """Write a CSV: path, one probability column per label, and ``<label>_positive`` at the
     checkpoint's thresholds (fitted on validation data when it was trained)."""
-    from ..data.images import read_image
-
     predictor = Predictor(checkpoint)
     files = collect_images(inputs)
-    probs = predictor.predict([read_image(f) for f in files], batch_size=batch_size)
+    probs = predictor.predict_files(files, batch_size=batch_size)
     table = pd.DataFrame(probs, columns=predictor.label_names)
     positive = pd.DataFrame((probs >= predictor.thresholds).astype(int),
                             columns=[f"{n}_positive" for n in predictor.label_names])
@@ -87,6 +124,7 @@ def evaluate_checkpoint(checkpoint: Path, source: str, out_dir: Path, policy: st
     from ..data.sources import parse_source
     from ..evaluation.metrics import multilabel_report
     from ..evaluation.report import write_report
+    from ..labels import LabelSpace
 
     predictor = Predictor(checkpoint)
     records = parse_source(source)
@@ -94,18 +132,19 @@ def evaluate_checkpoint(checkpoint: Path, source: str, out_dir: Path, policy: st
         if "split" not in records.meta.columns:
             raise CxrlabError(f"--split {split}: source {source!r} has no official split")
         records = records.take(np.flatnonzero(records.meta["split"].to_numpy() == split))
-    missing = [n for n in predictor.label_names if n not in records.labels.names]
+    # a "No Finding" label that single-positive training added is not scored when the source lacks it
+    scored = [n for n in predictor.label_names if n in records.labels.names or n != "No Finding"]
+    missing = [n for n in scored if n not in records.labels.names]
     if missing:
         raise CxrlabError(f"the checkpoint predicts {missing}, which source {source!r} does not label")
-    columns = [records.labels.index(n) for n in predictor.label_names]
-    from ..labels import LabelSpace
-
-    labels = LabelSpace("checkpoint", tuple(predictor.label_names))
+    columns = [records.labels.index(n) for n in scored]
+    outputs = [predictor.label_names.index(n) for n in scored]
+    labels = LabelSpace("checkpoint", tuple(scored))
     result = apply_policy(records.values[:, columns], labels,
                           policy or predictor.info["recipe"]["data"]["policy"].replace("spml", "u_zeros"))
     rows = result.rows
-    probs = predictor.predict([records.read(int(i)) for i in rows])
-    metrics = multilabel_report(probs, result.target, result.mask, predictor.label_names,
-                                thresholds=predictor.thresholds)
-    return write_report(Path(out_dir), metrics, probs, result.target, result.mask, predictor.label_names,
+    probs = predictor.predict_read(lambda i: records.read(int(rows[i])), len(rows))[:, outputs]
+    metrics = multilabel_report(probs, result.target, result.mask, scored,
+                                thresholds=predictor.thresholds[outputs])
+    return write_report(Path(out_dir), metrics, probs, result.target, result.mask, scored,
                         config=predictor.info["recipe"])
