@@ -115,3 +115,30 @@ def test_train_under_torchrun_two_cpu_processes(tmp_path):
     assert proc.stdout.count("report:") == 1
     metrics = json.loads((tmp_path / "run" / "report" / "metrics.json").read_text())
     assert sum(metrics["split_sizes"].values()) == 160
+
+
+def test_heatmaps_from_lcl_attention_and_linear_cam(trained, shared_data, tmp_path):
+    import torch
+
+    from cxrlab.inference.heatmaps import label_heatmaps
+    from cxrlab.models import build_model
+
+    x = torch.rand(2, 1, 64, 64)
+    for head in ("lcl", "linear"):
+        model = build_model("resnet18", head, 5)
+        probs, maps = label_heatmaps(model, x)
+        assert probs.shape == (2, 5) and maps.shape == (2, 5, 64, 64)
+        assert maps.min() >= 0 and maps.max() <= 1
+    # the linear head's CAM pooled over space is the head's logit (before ReLU and scaling): check on the raw map
+    model = build_model("resnet18", "linear", 3).eval()
+    with torch.no_grad():
+        fmap = model.features(x)
+        cam = torch.einsum("ld,bdhw->blhw", model.head.fc.weight, fmap) + model.head.fc.bias[None, :, None, None]
+        assert torch.allclose(cam.mean(dim=(2, 3)), model.head(fmap).logits, atol=1e-5)
+    root, _ = trained
+    out = tmp_path / "maps"
+    assert main(["heatmap", str(root / "run" / "best"), str(shared_data / "nih" / "00000001_000.png"),
+                 "--labels", "Cardiomegaly,Effusion", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["00000001_000_Cardiomegaly.png", "00000001_000_Effusion.png"]
+    assert main(["heatmap", str(root / "run" / "best"), str(shared_data / "nih"), "--labels", "Cardiomegalyy",
+                 "--out", str(out)]) == 2

@@ -72,6 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.set_defaults(func=_predict)
 
+    p = sub.add_parser("heatmap", help="per-label heatmaps (LCL attention or class activation maps) as PNGs")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("inputs", nargs="+", type=Path, help="image files or folders")
+    p.add_argument("--out", required=True, type=Path, help="folder for the PNGs")
+    p.add_argument("--labels", default=None, help="comma-separated label names (default: the top ones)")
+    p.add_argument("--top", type=int, default=3, help="without --labels: this many most probable labels")
+    p.set_defaults(func=_heatmap)
+
     p = sub.add_parser("list", help="registered parts")
     p.add_argument("what", choices=["backbones", "heads", "losses", "regimes", "recipes"])
     p.add_argument("--filter", default=None, help="for backbones: a timm wildcard, e.g. 'densenet*'")
@@ -134,6 +142,15 @@ def _predict(args) -> int:
 
     table = predict_files(args.checkpoint, args.inputs, args.out, batch_size=args.batch_size)
     print(f"wrote {len(table)} predictions to {args.out}")
+    return 0
+
+
+def _heatmap(args) -> int:
+    from .inference.heatmaps import write_heatmaps
+
+    labels = [n.strip() for n in args.labels.split(",")] if args.labels else None
+    written = write_heatmaps(args.checkpoint, args.inputs, args.out, labels=labels, top=args.top)
+    print(f"wrote {len(written)} heatmaps to {args.out}")
     return 0
 
 
