@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import numpy as np
 import torch
+from timing import interleaved_ms_per_step
 
 NUM_LABELS = 14
 LCL_LOSS = {"bce": 1.0, "lcl_consistency": 0.1, "lcl_supcon": {"weight": 0.1, "in_dim": 512}}
@@ -67,16 +67,8 @@ def bench(backbone: str, size: int, batch: int, args, device: torch.device) -> N
                 "target": (torch.rand(batch, NUM_LABELS, generator=g) < 0.2).float().to(device),
                 "mask": torch.ones(batch, NUM_LABELS, device=device)} for _ in range(4)]
     runs = {name: Step(backbone, head, loss, device, batches) for name, head, loss in variants(not args.no_split)}
-    for step in runs.values():  # warm-up (allocator, first-call overheads)
-        step.run(2)
-    times: dict[str, list[float]] = {name: [] for name in runs}
+    times = interleaved_ms_per_step(runs, args.steps, args.repeats)
     names = list(runs)
-    for r in range(args.repeats):
-        order = names[r % len(names):] + names[:r % len(names)]
-        for name in order:
-            start = time.perf_counter()
-            runs[name].run(args.steps)
-            times[name].append((time.perf_counter() - start) / args.steps * 1000)
     base = statistics.median(times["linear"])
     print(f"\n{backbone} @ {size}px, batch {batch}, {NUM_LABELS} labels, {device}, "
           f"{args.steps} steps x {args.repeats} repeats (median ms/step)")

@@ -25,10 +25,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-import time
 
 import numpy as np
 import torch
+from timing import interleaved_ms_per_step
 
 NUM_LABELS = 14
 OBS = {"spml_observed": {"neg_weight": 1.0}}
@@ -115,16 +115,8 @@ def bench(args, device: torch.device) -> None:
     batches = make_batches(args.size, args.batch, device)
     runs = {name: Step(args.backbone, regime, rargs, loss, device, batches, args.amp)
             for name, regime, rargs, loss in variants()}
-    for step in runs.values():  # warm-up (allocator, first-call overheads)
-        step.run(2)
-    times: dict[str, list[float]] = {name: [] for name in runs}
+    times = interleaved_ms_per_step(runs, args.steps, args.repeats)
     names = list(runs)
-    for r in range(args.repeats):
-        order = names[r % len(names):] + names[:r % len(names)]
-        for name in order:
-            start = time.perf_counter()
-            runs[name].run(args.steps)
-            times[name].append((time.perf_counter() - start) / args.steps * 1000)
     base = statistics.median(times["supervised"])
     threads = f", {torch.get_num_threads()} thread(s)" if device.type == "cpu" else ""
     print(f"\n{args.backbone} + linear @ {args.size}px, batch {args.batch}, {NUM_LABELS} labels, {device}{threads}"
