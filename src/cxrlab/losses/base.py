@@ -97,10 +97,11 @@ class Objective(nn.Module):
 
     def forward(self, output: Output, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         total = output.logits.new_zeros(())
-        logs = {}
+        values = []
         for name, term in self.terms.items():
             value = term(output, batch)
             total = total + self.weights[name] * value
-            logs[name] = float(value.detach())
-        logs["loss"] = float(total.detach())
-        return total, logs
+            values.append(value.detach().float())
+        # one device-to-host copy for all logged values (one GPU sync per step, not one per term)
+        logged = torch.stack(values + [total.detach().float()]).tolist()
+        return total, dict(zip([*self.terms, "loss"], logged))
