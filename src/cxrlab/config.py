@@ -26,6 +26,8 @@ class DataConfig:
     spml_no_finding: str = "keep"        # keep (positive = "No Finding") | drop
     views: Any = None                    # None (all) | frontal | lateral | [PA, AP, ...]
     image_size: int = 64
+    resize: str = "pad"                  # pad (keep the whole image, black borders) | crop (centre crop)
+    labeller: str = "chexpert"           # MIMIC only: chexpert | negbio label file
     cache_dir: str | None = None         # where prepared caches live (default: <out>/cache)
     split: str = "random"                # official | random (patient-disjoint) | cv (use train.fold)
     val_fraction: float = 0.1

@@ -63,11 +63,12 @@ def prepare_data(recipe: Recipe, progress: bool = True) -> PreparedData:
     from ..data.sources import parse_source
 
     d = recipe.data
-    key = hashlib.sha1(json.dumps([d.source, d.views, d.image_size, d.labels], default=str).encode()).hexdigest()[:12]
+    identity = [d.source, d.views, d.image_size, d.labels, d.resize, d.labeller]
+    key = hashlib.sha1(json.dumps(identity, default=str).encode()).hexdigest()[:12]
     cache_dir = cache_root(recipe) / f"{d.source.split(':', 1)[0]}-{d.image_size}px-{key}"
     if not (cache_dir / "cache.json").is_file():
-        records = parse_source(d.source, views=d.views, labels=d.labels)
-        prepare(records, cache_dir, size=d.image_size, progress=progress)
+        records = parse_source(d.source, views=d.views, labeller=d.labeller, labels=d.labels)
+        prepare(records, cache_dir, size=d.image_size, mode=d.resize, progress=progress)
     images, index, labels, _info = open_cache(cache_dir)
     values = index[list(labels.names)].to_numpy(dtype=np.float32)
     if d.labels is not None:

@@ -46,7 +46,6 @@ def write_heatmaps(checkpoint: Path, inputs: list[Path], out_dir: Path, labels: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..data.cache import fit_image
     from ..data.images import read_image
     from .predictor import Predictor, collect_images
 
@@ -62,7 +61,7 @@ def write_heatmaps(checkpoint: Path, inputs: list[Path], out_dir: Path, labels: 
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for path in collect_images(inputs):
-        image = fit_image(read_image(path), predictor.image_size)
+        image = predictor.fit_size(read_image(path))
         x = torch.from_numpy(image).float().div_(255.0)[None, None].to(predictor.device)
         probs, maps = label_heatmaps(predictor.model, x)
         chosen = [names.index(n) for n in labels] if labels else list(np.argsort(-probs[0])[:top])

@@ -29,6 +29,7 @@ class Predictor:
         self.model.to(self.device).eval()
         recipe = self.info["recipe"]
         self.image_size = int(recipe["data"]["image_size"])
+        self.resize = recipe["data"].get("resize", "pad")  # fit images as the training cache did
         self.label_names = list(self.info["labels"])
         thresholds = self.info.get("thresholds")
         self.thresholds = np.asarray(thresholds if thresholds is not None else [0.5] * len(self.label_names))
@@ -36,7 +37,7 @@ class Predictor:
     def fit_size(self, image: np.ndarray) -> np.ndarray:
         from ..data.cache import fit_image
 
-        return fit_image(image, self.image_size)
+        return fit_image(image, self.image_size, self.resize)
 
     @torch.no_grad()
     def predict(self, images: list[np.ndarray], batch_size: int = 32) -> np.ndarray:
@@ -59,7 +60,7 @@ class Predictor:
         from torch.utils.data import DataLoader
 
         workers = min(4, os.cpu_count() or 1) if workers is None else workers
-        loader = DataLoader(_Fitted(read, n, self.image_size), batch_size=batch_size,
+        loader = DataLoader(_Fitted(read, n, self.image_size, self.resize), batch_size=batch_size,
                             num_workers=workers if n > batch_size else 0)
         return self._predict_batches(batch.numpy() for batch in loader)
 
@@ -74,8 +75,8 @@ class Predictor:
 class _Fitted(torch.utils.data.Dataset):
     """Images ``read(i)`` fitted to the model's input size (uint8)."""
 
-    def __init__(self, read, n: int, size: int):
-        self.read, self.n, self.size = read, n, size
+    def __init__(self, read, n: int, size: int, mode: str):
+        self.read, self.n, self.size, self.mode = read, n, size, mode
 
     def __len__(self) -> int:
         return self.n
@@ -83,7 +84,7 @@ class _Fitted(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> np.ndarray:
         from ..data.cache import fit_image
 
-        return fit_image(self.read(i), self.size)
+        return fit_image(self.read(i), self.size, self.mode)
 
 
 def collect_images(inputs: list[Path]) -> list[Path]:
