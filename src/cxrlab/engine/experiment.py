@@ -247,6 +247,7 @@ def run(recipe: Recipe, out_dir: Path, resume: bool = False, data: PreparedData 
     thresholds = fit_thresholds(val_probs, val_target, val_mask, method=recipe.eval.threshold)
     metrics = multilabel_report(test_probs, test_target, test_mask, names, thresholds=thresholds,
                                 bootstrap=recipe.eval.bootstrap, ci=recipe.eval.ci, seed=recipe.train.seed)
+    metrics["threshold_source"] = f"per label, fitted on the validation part ({recipe.eval.threshold})"
     metrics["split_sizes"] = {name: int(len(rows)) for name, rows in parts.items()}
     if fit.get("epoch_stats"):
         metrics["training"] = fit["epoch_stats"]
