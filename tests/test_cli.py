@@ -142,3 +142,15 @@ def test_heatmaps_from_lcl_attention_and_linear_cam(trained, shared_data, tmp_pa
     assert sorted(p.name for p in out.iterdir()) == ["00000001_000_Cardiomegaly.png", "00000001_000_Effusion.png"]
     assert main(["heatmap", str(root / "run" / "best"), str(shared_data / "nih"), "--labels", "Cardiomegalyy",
                  "--out", str(out)]) == 2
+
+
+def test_lcl_run_reports_g_against_cooccurrence(trained, tmp_path):
+    """With G taken from the data (correlation_source=cooccurrence) the reported agreement is exactly 1."""
+    root, overrides = trained
+    out = tmp_path / "lcl"
+    assert main(["train", "lcl_synthetic_cooccurrence", "--out", str(out), *overrides, "data.split=random",
+                 "model.head_args.dim=64", "model.head_args.num_heads=4",
+                 "loss.lcl_supcon.in_dim=64"]) == 0
+    metrics = json.loads((out / "report" / "metrics.json").read_text())
+    assert metrics["g_vs_cooccurrence_r"] == pytest.approx(1.0, abs=1e-5)
+    assert (out / "report" / "correlation.png").is_file()

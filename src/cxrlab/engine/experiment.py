@@ -262,13 +262,15 @@ def run(recipe: Recipe, out_dir: Path, resume: bool = False, data: PreparedData 
     thresholds_all[data.eval_columns] = thresholds
     set_thresholds(fit["checkpoint"], thresholds_all.tolist())
     train_rows = parts["train"]
+    head = getattr(trainer.model, "head", None)
+    if hasattr(head, "correlation"):  # label-level heads: how the learned G relates to the data
+        (out_dir / "report").mkdir(parents=True, exist_ok=True)
+        metrics["g_vs_cooccurrence_r"] = _plot_correlation(out_dir / "report" / "correlation.png", head, data,
+                                                           train_rows)
     report = write_report(out_dir / "report", metrics, test_probs, test_target, test_mask, names,
                           config=recipe.to_dict(), history=fit.get("history"),
                           train_targets=data.eval_target[train_rows][:, cols],
                           train_mask=data.eval_mask[train_rows][:, cols])
-    head = getattr(trainer.model, "head", None)
-    if hasattr(head, "correlation"):
-        _plot_correlation(out_dir / "report" / "correlation.png", head, data, train_rows)
     predictions = pd.DataFrame(test_probs, columns=names)
     predictions.insert(0, "path", data.index["path"].to_numpy()[parts["test"]])
     predictions.to_csv(out_dir / "report" / "test_predictions.csv", index=False, float_format="%.6f")
@@ -277,9 +279,10 @@ def run(recipe: Recipe, out_dir: Path, resume: bool = False, data: PreparedData 
             "history": fit.get("history")}
 
 
-def _plot_correlation(path: Path, head, data: PreparedData, train_rows: np.ndarray) -> None:
+def _plot_correlation(path: Path, head, data: PreparedData, train_rows: np.ndarray) -> float:
     """The head's learned global label correlation G next to the training labels' co-occurrence
-    P(j | i), both row-normalised with the diagonal blanked, so their off-diagonal structure compares."""
+    P(j | i), both row-normalised with the diagonal blanked, so their off-diagonal structure compares.
+    Returns the Pearson correlation of their off-diagonal entries (NaN if either is constant)."""
     from ..evaluation.metrics import label_cooccurrence
     from ..evaluation.plots import plot_matrices
 
@@ -291,7 +294,11 @@ def _plot_correlation(path: Path, head, data: PreparedData, train_rows: np.ndarr
         np.fill_diagonal(m, np.nan)
         return m
 
-    g = head.correlation().detach().float().cpu().numpy()
-    co = label_cooccurrence(data.target[train_rows], data.mask[train_rows])
-    plot_matrices(path, {f"learned G ({head.correlation_source})": offdiag(g),
-                         "training co-occurrence P(j | i)": offdiag(co)}, list(data.labels.names))
+    g = offdiag(head.correlation().detach().float().cpu().numpy())
+    co = offdiag(label_cooccurrence(data.target[train_rows], data.mask[train_rows]))
+    off = ~np.isnan(g)
+    a, b = g[off], co[off]
+    r = float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else float("nan")
+    plot_matrices(path, {f"G ({head.correlation_source}), Pearson r = {r:.2f} with co-occurrence": g,
+                         "training co-occurrence P(j | i)": co}, list(data.labels.names))
+    return r

@@ -428,8 +428,9 @@ def _cell(stats: dict | None, best: bool = False) -> str:
     return f"**{text}**" if best else text
 
 
-# shown in comparison.md when some recipe reports them (MPC's pseudo-label recovery on hidden positives)
-OPTIONAL_COLUMNS = ("pseudo_pos_precision", "pseudo_pos_recall")
+# shown in comparison.md when some recipe reports them: MPC's pseudo-label recovery of hidden positives,
+# and how a label-level head's G correlates with the training co-occurrence
+OPTIONAL_COLUMNS = ("pseudo_pos_precision", "pseudo_pos_recall", "g_vs_cooccurrence_r")
 
 
 def write_comparison(results: dict, out_dir,
