@@ -70,11 +70,14 @@ def test_pseudo_labels_come_from_the_weak_view_without_gradient(fpc):
     assert torch.equal(weak.seen[0], batch["image"]) and torch.equal(strong.seen[0], batch["image"])
     unknown = batch["mask"] == 0
     # weak view bright -> every unknown pseudo-positive; the strong view would have said negative
-    assert (out.extras["weak_logits"] > 4).all() and (out.logits < -4).all()
+    assert (out.extras["weak_logits"] > 4).all() and (out.extras["strong_logits"] < -4).all()
+    # the observed-label loss scores the weak view (with gradient); pseudo-labels are its detached copy
+    assert torch.equal(out.logits.detach(), out.extras["weak_logits"])
     assert (out.extras["pseudo_target"][unknown] == 1).all() and (out.extras["pseudo_mask"] == 1).all()
     for key in ("pseudo_target", "pseudo_mask", "weak_logits"):
         assert not out.extras[key].requires_grad, key
-    assert out.logits.requires_grad and out.extras["btc_logits"].requires_grad
+    assert out.logits.requires_grad and out.extras["strong_logits"].requires_grad
+    assert out.extras["btc_logits"].requires_grad
     assert out.extras["fpc_logits"].requires_grad if fpc else "fpc_logits" not in out.extras
 
 
@@ -87,7 +90,8 @@ def test_observed_positive_is_never_overwritten():
     # the loss terms re-apply the observed label even if an extra claims otherwise
     logits = torch.tensor([[0.3, -0.2, 0.1], [1.0, 0.4, -0.7]])
     forged = Output(logits.clone(), {"pseudo_target": torch.zeros(2, C), "pseudo_mask": torch.ones(2, C),
-                                     "btc_logits": logits.clone(), "fpc_logits": logits.clone()})
+                                     "btc_logits": logits.clone(), "fpc_logits": logits.clone(),
+                                     "strong_logits": logits.clone()})
     btc = LOSSES.get("mpc_btc")(ctx())(forged, batch)
     expected = nn.functional.binary_cross_entropy_with_logits(logits, batch["target"])
     assert float(btc) == pytest.approx(float(expected), rel=1e-6)
@@ -118,7 +122,7 @@ def test_ipc_by_hand():
     batch = spml_batch(1.0)
     extras = {"pseudo_target": torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 0.0]]),
               "pseudo_mask": torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]])}
-    out = Output(logits, extras)
+    out = Output(-logits, {**extras, "strong_logits": logits})  # IPC scores the strong view, not .logits
     parts = [-math.log(1 / (1 + math.exp(1.0))), -math.log(1 - 1 / (1 + math.exp(-1.5)))]
     assert float(LOSSES.get("mpc_ipc")(ctx())(out, batch)) == pytest.approx(sum(parts) / 4, rel=1e-6)
     assert float(LOSSES.get("mpc_ipc")(ctx(), reduction="selected")(out, batch)) == pytest.approx(sum(parts) / 2)

@@ -9,6 +9,10 @@ regime (:mod:`cxrlab.regimes.mpc`), which puts them into the Output's extras:
 
   ``pseudo_target`` B×L  the observed label where known, else the pseudo-label (1 / 0)
   ``pseudo_mask``   B×L  1 where known or confidently pseudo-labelled, 0 where ignored
+  ``strong_logits`` B×L  logits of the strongly augmented view (IPC); ``Output.logits`` is the weak
+                         view's, which ``spml_observed`` scores (FixMatch convention: the labelled
+                         loss on the weak view; training it on the strong view cost about 0.05 macro
+                         AUC on our synthetic SPML task)
   ``fpc_logits``    B×L  head logits of the channel-dropped weak-view feature map (FPC)
   ``btc_logits``    B×L  head logits of the batch-Transformer-mixed feature map (BTC)
 
@@ -122,8 +126,8 @@ class SpmlObserved(LossTerm):
 
 @LOSSES.register("mpc_ipc")
 class ImagePerturbationConsistency(LossTerm):
-    """IPC: BCE of the strong-view logits (``output.logits``) against the weak-view pseudo-labels on
-    the confidently pseudo-labelled unknown entries."""
+    """IPC: BCE of the strong-view logits (``extras['strong_logits']``) against the weak-view
+    pseudo-labels on the confidently pseudo-labelled unknown entries."""
 
     name = "mpc_ipc"
 
@@ -132,7 +136,7 @@ class ImagePerturbationConsistency(LossTerm):
         self.reduction = _check_reduction(self.name, reduction)
 
     def logits(self, output: Output) -> torch.Tensor:
-        return _float(output.logits)
+        return _float(_extra(self.name, output, "strong_logits"))
 
     def forward(self, output: Output, batch: dict) -> torch.Tensor:
         logits = self.logits(output)

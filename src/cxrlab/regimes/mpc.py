@@ -127,25 +127,23 @@ class MPC(Regime):
         x = batch["image"]
         target = batch["target"]
         mask = batch["mask"] if "mask" in batch else torch.ones_like(target)
-        if self.fpc:
-            fmap_weak = model.features(self.weak(x))
-            with torch.no_grad():
-                weak_logits = model.head(fmap_weak.detach()).logits.detach()
-        else:
-            with torch.no_grad():
-                weak_logits = model(self.weak(x)).logits.detach()
+        # the weak view carries the observed-label loss (FixMatch convention: supervision on the weakly
+        # augmented view); its detached logits are the pseudo-labels, its feature map FPC's input
+        fmap_weak = model.features(self.weak(x))
+        weak = model.head(fmap_weak)
+        weak_logits = weak.logits.detach()
         pseudo_target, pseudo_mask = self.pseudo_labels(weak_logits, target, mask)
 
-        fmap = model.features(self.strong(x))
-        out = model.head(fmap)
-        extras = dict(out.extras)
-        extras.update(pseudo_target=pseudo_target, pseudo_mask=pseudo_mask, weak_logits=weak_logits)
+        fmap_strong = model.features(self.strong(x))
+        extras = dict(weak.extras)
+        extras.update(pseudo_target=pseudo_target, pseudo_mask=pseudo_mask, weak_logits=weak_logits,
+                      strong_logits=model.head(fmap_strong).logits)
         if self.fpc:
             extras["fpc_logits"] = model.head(F.dropout2d(fmap_weak, self.fpc_dropout, training=True)).logits
         if self.btc:
-            extras["btc_logits"] = model.head(self.modules["btc"](fmap)).logits
+            extras["btc_logits"] = model.head(self.modules["btc"](fmap_strong)).logits
         self._record(pseudo_target, pseudo_mask, mask, batch.get("full_target"))
-        return Output(out.logits, extras)
+        return Output(weak.logits, extras)
 
     # ------------------------------------------------------------------------------- measurement
 
