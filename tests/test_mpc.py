@@ -354,3 +354,16 @@ def test_mpc_recovers_hidden_positives_on_synthetic_spml(toy):
     assert last["pseudo_pos_recall"] > 0.2
     assert last["pseudo_pos_precision"] > 2 * last["hidden_pos_rate"]
     assert mpc_map >= an_map - 0.02
+
+
+def test_pseudo_positives_never_contradict_an_exclusive_observed_label():
+    names = ("a", "b", "No Finding")
+    mpc = MPC(lambda x: x, lambda x: x, btc=False, label_names=names)
+    logits = torch.full((2, 3), 10.0)  # every entry confidently positive
+    target = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])  # image 0: finding "a"; image 1: No Finding
+    pseudo_target, pseudo_mask = mpc.pseudo_labels(logits, target, target.clone())
+    assert pseudo_target.tolist() == [[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
+    assert pseudo_mask.tolist() == [[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
+    # without the exclusive label every unknown entry would have become pseudo-positive
+    plain = MPC(lambda x: x, lambda x: x, btc=False, exclusive_label=None, label_names=names)
+    assert plain.pseudo_labels(logits, target, target.clone())[0].tolist() == [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]

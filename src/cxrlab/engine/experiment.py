@@ -128,8 +128,11 @@ def build_parts(recipe: Recipe, data: PreparedData, train_rows: np.ndarray):
     objective = Objective(recipe.loss, ctx)
     regime_cls = REGIMES.get(recipe.regime.name)
     args = dict(recipe.regime.args)
-    if "feature_dim" in inspect.signature(regime_cls).parameters and "feature_dim" not in args:
+    accepted = inspect.signature(regime_cls).parameters
+    if "feature_dim" in accepted and "feature_dim" not in args:
         args["feature_dim"] = model.backbone.num_features
+    if "label_names" in accepted:
+        args["label_names"] = tuple(data.labels.names)
     try:
         regime = regime_cls(build_augment(recipe.augment.weak), build_augment(recipe.augment.strong), **args)
     except TypeError as exc:

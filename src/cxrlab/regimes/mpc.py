@@ -81,13 +81,23 @@ class MPC(Regime):
     (0.5); ``btc`` (True), ``btc_layers`` (1), ``btc_heads`` (4), ``btc_dropout`` (0.1),
     ``btc_ffn_dim`` (None = feature_dim); ``feature_dim``: the backbone's ``num_features``, required
     with ``btc`` (the experiment pipeline passes ``model.backbone.num_features``).
+
+    ``exclusive_label`` [ours] ("No Finding"): a label that excludes every other one. Pseudo-labels
+    never contradict an observed positive: an image whose observed positive is a finding gets no
+    pseudo-positive on it, and one whose observed positive is it gets no pseudo-positive finding.
+    Without this, on our synthetic SPML task the frequent "No Finding" was pseudo-labelled positive on
+    images with an observed finding (hundreds per epoch, all wrong). Needs ``label_names`` (the
+    pipeline passes them); it does nothing when the label space lacks the label or when set to null.
     """
 
     def __init__(self, weak: Augment, strong: Augment, tau_pos: float = 0.95, tau_neg: float = 0.05,
                  fpc: bool = True, fpc_dropout: float = 0.5, btc: bool = True, btc_layers: int = 1,
                  btc_heads: int = 4, feature_dim: int | None = None, btc_dropout: float = 0.1,
-                 btc_ffn_dim: int | None = None):
+                 btc_ffn_dim: int | None = None, exclusive_label: str | None = "No Finding",
+                 label_names: tuple[str, ...] | None = None):
         super().__init__(weak, strong)
+        names = list(label_names or ())
+        self.exclusive = names.index(exclusive_label) if exclusive_label in names else None
         if not tau_neg < tau_pos:
             raise CxrlabError(f"regime mpc: need tau_neg < tau_pos, got tau_neg={tau_neg}, tau_pos={tau_pos}")
         if not 0 <= fpc_dropout < 1:
@@ -118,6 +128,14 @@ class MPC(Regime):
             q = torch.sigmoid(weak_logits.float())
             known = mask > 0.5
             pos = (q >= self.tau_pos) & ~known
+            if self.exclusive is not None:
+                j = self.exclusive
+                observed = known & (target > 0.5)
+                finding_seen = torch.cat([observed[:, :j], observed[:, j + 1:]], dim=1).any(dim=1)
+                pos[:, j] &= ~finding_seen
+                blocked = observed[:, j:j + 1].expand_as(pos).clone()
+                blocked[:, j] = False
+                pos &= ~blocked
             neg = (q <= self.tau_neg) & ~known
             pseudo_target = torch.where(known, target.float(), pos.float())
             pseudo_mask = (known | pos | neg).float()
