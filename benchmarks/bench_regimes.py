@@ -5,8 +5,8 @@ One training step = the regime's forward(s), the objective, backward, AdamW step
 ``cxrlab.models.build_model(backbone, "linear", 14)`` (default resnet18 at 64 px, batch 32). Variants:
 
   supervised        Supervised regime, loss {an}                                  (1 forward)
-  mpc (ipc)         MPC fpc=False btc=False, loss {spml_observed, mpc_ipc}         (weak no-grad + strong)
-  mpc +fpc          MPC fpc=True  btc=False, + mpc_fpc        (weak with grad + strong + head on dropped map)
+  mpc (ipc)         MPC fpc=False btc=False, loss {spml_observed, mpc_ipc}         (weak + strong, both with gradient)
+  mpc +fpc          MPC fpc=True  btc=False, + mpc_fpc        (+ the head on the channel-dropped weak map)
   mpc +btc          MPC fpc=False btc=True,  + mpc_btc        (+ 1-layer Transformer over the batch + head)
   mpc +fpc +btc     the full MPC
 
