@@ -21,7 +21,7 @@ import statistics
 
 import numpy as np
 import torch
-from timing import interleaved_ms_per_step
+from timing import add_timing_args, interleaved_ms_per_step
 
 NUM_LABELS = 14
 LCL_LOSS = {"bce": 1.0, "lcl_consistency": 0.1, "lcl_supcon": {"weight": 0.1, "in_dim": 512}}
@@ -82,10 +82,7 @@ def bench(backbone: str, size: int, batch: int, args, device: torch.device) -> N
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--device", default="cpu")
+    add_timing_args(parser)
     parser.add_argument("--configs", default="resnet18:64:32,resnet50:224:8",
                         help="comma-separated backbone:size:batch")
     parser.add_argument("--no-split", action="store_true", help="skip the bce-only variants")

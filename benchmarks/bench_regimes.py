@@ -28,7 +28,7 @@ import statistics
 
 import numpy as np
 import torch
-from timing import interleaved_ms_per_step
+from timing import add_timing_args, interleaved_ms_per_step
 
 NUM_LABELS = 14
 OBS = {"spml_observed": {"neg_weight": 1.0}}
@@ -132,10 +132,7 @@ def bench(args, device: torch.device) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--device", default="cpu")
+    add_timing_args(parser)
     parser.add_argument("--backbone", default="resnet18")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--batch", type=int, default=32)

@@ -17,3 +17,11 @@ def interleaved_ms_per_step(runs: dict, steps: int, repeats: int, warmup: int = 
             runs[name].run(steps)
             times[name].append((time.perf_counter() - start) / steps * 1000)
     return times
+
+
+def add_timing_args(parser) -> None:
+    """The options every step-time benchmark takes."""
+    parser.add_argument("--steps", type=int, default=5, help="training steps per timed repeat")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
