@@ -11,7 +11,7 @@ regime (:mod:`cxrlab.regimes.mpc`), which puts them into the Output's extras:
   ``pseudo_mask``   B×L  1 where known or confidently pseudo-labelled, 0 where ignored
   ``strong_logits`` B×L  logits of the strongly augmented view (IPC); ``Output.logits`` is the weak
                          view's, which ``spml_observed`` scores (FixMatch convention: the labelled
-                         loss on the weak view; training it on the strong view cost about 0.05 macro
+                         loss on the weak view; training it on the strong view cost 0.04-0.08 macro
                          AUC on our synthetic SPML task)
   ``fpc_logits``    B×L  head logits of the channel-dropped weak-view feature map (FPC)
   ``btc_logits``    B×L  head logits of the batch-Transformer-mixed feature map (BTC)
