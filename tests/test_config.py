@@ -88,3 +88,24 @@ def test_unknown_loss_and_loss_argument_are_named():
         Objective({"focall": 1.0}, ctx)
     with pytest.raises(CxrlabError, match="gama"):
         Objective({"focal": {"weight": 1.0, "gama": 2}}, ctx)
+
+
+@pytest.mark.parametrize("override, words", [
+    ("model.backbone=resnet19", ["resnet19", "resnet18"]),
+    ("model.head=lcll", ["lcll", "lcl"]),
+    ("model.head_args.dimm=3", ["dimm", "dim"]),
+    ("loss.focal.gama=2", ["gama", "gamma"]),
+    ("regime.args.tau=0.9", ["tau", "mpc"]),
+    ("augment.strong.elastik=0.5", ["elastik", "elastic"]),
+])
+def test_misspelt_parts_fail_before_any_data_is_read(override, words, tmp_path):
+    from cxrlab.engine.experiment import run
+
+    base = ["loss.focal.weight=1.0"] if override.startswith("loss.focal") else []
+    regime = ["regime.name=mpc"] if override.startswith("regime") else []
+    # the source does not exist: the error must come from the recipe check, not from the data
+    recipe = load_recipe("demo", ["data.source=nih:/nonexistent", *base, *regime, override])
+    with pytest.raises(CxrlabError) as exc:
+        run(recipe, tmp_path)
+    for word in words:
+        assert word in str(exc.value)

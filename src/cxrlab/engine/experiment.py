@@ -109,6 +109,31 @@ def _align(full, labels: LabelSpace, rows: np.ndarray) -> tuple[np.ndarray, np.n
     return target, mask
 
 
+def check_parts(recipe: Recipe) -> None:
+    """Fail on a misspelt backbone, head, loss, regime or argument before any data is prepared
+    (preparing a real dataset can take an hour)."""
+    from ..data.transforms import parse_spec
+    from ..errors import unknown
+    from ..models import check_head
+    from ..models.backbone import check_backbone_name
+    from ..registry import LOSSES, REGIMES
+
+    check_backbone_name(recipe.model.backbone)
+    check_head(recipe.model.head, recipe.model.head_args)
+    for name, value in recipe.loss.items():
+        accepted = [p for p in inspect.signature(LOSSES.get(name)).parameters if p != "ctx"]
+        for key in (value if isinstance(value, dict) else {}):
+            if key != "weight" and key not in accepted:
+                raise unknown(f"argument of loss {name!r}", key, ["weight", *accepted])
+    accepted = [p for p in inspect.signature(REGIMES.get(recipe.regime.name)).parameters
+                if p not in ("weak", "strong", "feature_dim", "label_names")]
+    for key in recipe.regime.args:
+        if key not in accepted and key != "feature_dim":
+            raise unknown(f"regime.args key for regime {recipe.regime.name!r}", key, accepted)
+    parse_spec(recipe.augment.weak)
+    parse_spec(recipe.augment.strong)
+
+
 def build_parts(recipe: Recipe, data: PreparedData, train_rows: np.ndarray):
     """Model, objective and regime for a recipe, with the loss context from the training rows."""
     from ..data.transforms import build_augment
@@ -205,6 +230,7 @@ def run(recipe: Recipe, out_dir: Path, resume: bool = False, data: PreparedData 
 
     from . import distributed as dist
 
+    check_parts(recipe)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if data is None:

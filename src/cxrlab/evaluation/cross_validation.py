@@ -23,9 +23,10 @@ def make_manifest(recipe: Recipe, data, repeats: int, folds: int, out_file: Path
 def run_cv(recipe: Recipe, out_dir: Path, repeats: int, folds: int, data=None, manifest=None,
            progress: bool = True) -> dict:
     """One model per fold of R×K CV; writes ``summary.json`` / ``summary.md`` with mean ± std."""
-    from ..engine.experiment import prepare_data, run
+    from ..engine.experiment import check_parts, prepare_data, run
     from .metrics import aggregate
 
+    check_parts(recipe)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     data = data if data is not None else prepare_data(recipe, progress=progress)
@@ -55,7 +56,7 @@ def compare(recipes: list[str], out_dir: Path, data: str | None = None, cv: tupl
     With ``cv = (R, K)`` every recipe uses the same R×K manifest (made once, from the first recipe's
     labels); with ``seeds = N`` every recipe trains N times (train.seed = 0..N-1) on the recipe split.
     """
-    from ..engine.experiment import prepare_data, run
+    from ..engine.experiment import check_parts, prepare_data, run
     from .metrics import aggregate, write_comparison
 
     out_dir = Path(out_dir)
@@ -69,6 +70,8 @@ def compare(recipes: list[str], out_dir: Path, data: str | None = None, cv: tupl
         loaded[recipe.name] = recipe
     first = next(iter(loaded.values()))
     _check_same_data(loaded)
+    for recipe in loaded.values():  # every recipe's parts, before hours of training the first ones
+        check_parts(recipe)
     shared = prepare_data(first, progress=progress)
     results = {}
     manifest = None

@@ -29,8 +29,7 @@ class Backbone(nn.Module):
         super().__init__()
         import timm
 
-        if not timm.list_models(name) and not timm.list_models(name.split(".")[0]):
-            raise unknown("backbone", name, _common_backbones())
+        check_backbone_name(name)
         kwargs = dict(num_classes=0, global_pool="", in_chans=1, drop_rate=drop_rate)
         use_pretrained = bool(pretrained)
         if isinstance(pretrained, str) and pretrained not in ("true", "True", "timm"):
@@ -64,6 +63,14 @@ class Backbone(nn.Module):
         elif feats.ndim == 4 and feats.shape[1] != self.num_features and feats.shape[-1] == self.num_features:
             feats = feats.permute(0, 3, 1, 2)  # NHWC backbones
         return feats
+
+
+def check_backbone_name(name: str) -> None:
+    """Raise a CxrlabError suggesting a close name unless timm knows the architecture."""
+    import timm
+
+    if not timm.list_models(name) and not timm.list_models(name.split(".")[0]):
+        raise unknown("backbone", name, _common_backbones())
 
 
 def _common_backbones() -> list[str]:
