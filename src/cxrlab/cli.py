@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -9,6 +10,9 @@ from .errors import CxrlabError
 
 
 def main(argv: list[str] | None = None) -> int:
+    # one line per epoch on stderr (the progress bar only shows on a terminal; batch logs need this)
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger("cxrlab").setLevel(logging.INFO)
     parser = build_parser()
     # KEY=VALUE overrides may come before or after the options (argparse alone takes them only before)
     args, extra = parser.parse_known_args(argv)
