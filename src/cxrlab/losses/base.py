@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..errors import CxrlabError
+from ..evaluation.metrics import label_cooccurrence
 from ..output import Output
 from ..registry import LOSSES
 
@@ -17,7 +18,8 @@ class LossContext:
     """Training-set facts a loss term may need, computed once from the training targets and masks.
 
     ``pos_count``/``neg_count`` count known positives/negatives per label; ``cooccurrence`` is
-    P(label j positive | label i positive) over known entries (rows sum to anything, diagonal 1);
+    P(label j positive | label i positive) over images where both are known
+    (:func:`cxrlab.evaluation.metrics.label_cooccurrence`; rows sum to anything, diagonal 1);
     ``expected_positives`` is the mean number of positives per image in the *full* labels when known
     (EPR/ROLE use it), else the observed mean.
     """
@@ -42,8 +44,7 @@ class LossContext:
         pos = (target * mask).sum(0)
         neg = ((1 - target) * mask).sum(0)
         known_pos = target * mask
-        joint = known_pos.T @ known_pos
-        cooc = joint / np.maximum(np.diag(joint)[:, None], 1.0)
+        cooc = np.nan_to_num(label_cooccurrence(target, mask))  # a label never positive: a zero row
         reference = full_target if full_target is not None else known_pos
         return cls(tuple(label_names), len(target), pos, neg, cooc,
                    float(np.asarray(reference, dtype=np.float64).sum(1).mean()) if len(target) else 0.0)
