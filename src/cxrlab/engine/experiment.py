@@ -80,33 +80,17 @@ def prepare_data(recipe: Recipe, progress: bool = True) -> PreparedData:
         labels = wanted
     if d.policy == "spml":
         # keyed by image path so each image's kept positive does not depend on row order
+        # the policy also returns the full labels the positive was drawn from: what val/test are scored on
         train = apply_policy(values, labels, "spml", per_label=d.policy_per_label, seed=d.seed,
                              no_finding=d.spml_no_finding, keys=index["path"].to_numpy())
-        full = apply_policy(values, labels, "u_zeros", per_label=d.policy_per_label)
         rows = train.rows
-        eval_target, eval_mask = _align(full, train.labels, rows)
         columns = np.array([train.labels.index(n) for n in labels.names])
         return PreparedData(train.labels, images, index.iloc[rows].reset_index(drop=True), rows, train.target,
-                            train.mask, eval_target, eval_mask, eval_target.copy(), columns)
+                            train.mask, train.full_target, train.full_mask, train.full_target, columns)
     result = apply_policy(values, labels, d.policy, per_label=d.policy_per_label)
     rows = result.rows
     return PreparedData(result.labels, images, index.iloc[rows].reset_index(drop=True), rows,
                         result.target, result.mask, result.target, result.mask, None, np.arange(len(result.labels)))
-
-
-def _align(full, labels: LabelSpace, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Full labels re-laid on the (possibly No-Finding-extended) SPML label space, rows matched."""
-    target = np.zeros((len(rows), len(labels)), dtype=np.float32)
-    mask = np.zeros_like(target)
-    for j, name in enumerate(labels.names):
-        if name in full.labels.names:
-            k = full.labels.index(name)
-            target[:, j] = full.target[rows, k]
-            mask[:, j] = full.mask[rows, k]
-        else:  # "No Finding" added for SPML: positive when no other finding is
-            target[:, j] = (full.target[rows] * full.mask[rows]).sum(1) == 0
-            mask[:, j] = 1.0
-    return target, mask
 
 
 def check_parts(recipe: Recipe) -> None:
@@ -256,14 +240,9 @@ def run(recipe: Recipe, out_dir: Path, resume: bool = False, data: PreparedData 
         return ImageSet(data.images, data.eval_target[rows], data.eval_mask[rows], rows=data.image_rows[rows])
 
     t = recipe.train
-    loaders = {
-        "train": make_loader(dataset(parts["train"], True), t.batch_size, shuffle=True, seed=t.seed,
-                             num_workers=recipe.data.num_workers),
-        "val": make_loader(dataset(parts["val"], False), t.batch_size, shuffle=False, seed=t.seed,
-                           num_workers=recipe.data.num_workers),
-        "test": make_loader(dataset(parts["test"], False), t.batch_size, shuffle=False, seed=t.seed,
-                            num_workers=recipe.data.num_workers),
-    }
+    loaders = {name: make_loader(dataset(rows, name == "train"), t.batch_size, shuffle=name == "train", seed=t.seed,
+                                 num_workers=recipe.data.num_workers)
+               for name, rows in parts.items()}
     trainer = Trainer(recipe, model, objective, regime, out_dir, data.labels.names)
     fit = trainer.fit(loaders["train"], loaders["val"], resume=resume)
 
