@@ -23,7 +23,7 @@ def make_manifest(recipe: Recipe, data, repeats: int, folds: int, out_file: Path
 def run_cv(recipe: Recipe, out_dir: Path, repeats: int, folds: int, data=None, manifest=None,
            progress: bool = True) -> dict:
     """One model per fold of R×K CV; writes ``summary.json`` / ``summary.md`` with mean ± std."""
-    from ..engine.experiment import check_parts, prepare_data, run
+    from ..engine.experiment import check_parts, prepare_data
     from .metrics import aggregate
 
     check_parts(recipe)
@@ -32,16 +32,9 @@ def run_cv(recipe: Recipe, out_dir: Path, repeats: int, folds: int, data=None, m
     data = data if data is not None else prepare_data(recipe, progress=progress)
     if manifest is None:
         manifest = make_manifest(recipe, data, repeats, folds, out_dir / "splits.csv")
-    reports = []
-    for repeat in range(repeats):
-        for k in range(folds):
-            fold_dir = out_dir / f"r{repeat}f{k}"
-            done = fold_dir / "report" / "metrics.json"
-            if done.is_file():  # a finished fold is kept: an interrupted CV resumes where it stopped
-                reports.append(json.loads(done.read_text()))
-                continue
-            result = run(recipe, fold_dir, data=data, manifest=manifest, fold=(repeat, k), progress=progress)
-            reports.append(result["metrics"])
+    reports = [_run_once(recipe, out_dir / f"r{repeat}f{k}", data=data, manifest=manifest, fold=(repeat, k),
+                         progress=progress)
+               for repeat in range(repeats) for k in range(folds)]
     summary = aggregate(reports)
     (out_dir / "summary.json").write_text(json.dumps(to_jsonable(summary), indent=2, allow_nan=False))
     (out_dir / "summary.md").write_text(_summary_markdown(recipe.name, summary, repeats, folds))
@@ -56,7 +49,7 @@ def compare(recipes: list[str], out_dir: Path, data: str | None = None, cv: tupl
     With ``cv = (R, K)`` every recipe uses the same R×K manifest (made once, from the first recipe's
     labels); with ``seeds = N`` every recipe trains N times (train.seed = 0..N-1) on the recipe split.
     """
-    from ..engine.experiment import check_parts, prepare_data, run
+    from ..engine.experiment import check_parts, prepare_data
     from .metrics import aggregate, write_comparison
 
     out_dir = Path(out_dir)
@@ -86,15 +79,22 @@ def compare(recipes: list[str], out_dir: Path, data: str | None = None, cv: tupl
             reports = []
             for seed in range(seeds or 1):
                 recipe.train.seed = seed
-                run_dir = out_dir / name / f"seed{seed}"
-                done = run_dir / "report" / "metrics.json"
-                if done.is_file():
-                    reports.append(json.loads(done.read_text()))
-                    continue
-                reports.append(run(recipe, run_dir, data=data_for_recipe, progress=progress)["metrics"])
+                reports.append(_run_once(recipe, out_dir / name / f"seed{seed}", data=data_for_recipe,
+                                         progress=progress))
             summary = aggregate(reports)
         results[name] = summary
     return write_comparison(results, out_dir)
+
+
+def _run_once(recipe: Recipe, run_dir: Path, **kwargs) -> dict:
+    """The test metrics of one run; a run already finished in ``run_dir`` is read back, not repeated, so an
+    interrupted cross-validation or comparison resumes where it stopped."""
+    from ..engine.experiment import run
+
+    done = run_dir / "report" / "metrics.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    return run(recipe, run_dir, **kwargs)["metrics"]
 
 
 def _check_same_data(recipes: dict) -> None:
