@@ -78,6 +78,11 @@ def test_cv_and_compare(trained, tmp_path):
     assert set(table) == {"demo", "spml_an"}
     assert set(table["demo"]["macro_auc"]) == {"mean", "std", "n"}
     assert "| demo |" in (out / "comparison.md").read_text()
+    # a second call reads the finished runs back instead of training them again
+    log = out / "demo" / "seed0" / "log.csv"
+    before = log.stat().st_mtime_ns
+    assert main(args) == 0
+    assert log.stat().st_mtime_ns == before and json.loads((out / "comparison.json").read_text()) == table
     # a single-positive checkpoint predicts an added "No Finding" label; a source without it still scores
     spml = out / "spml_an" / "seed0" / "best"
     assert main(["evaluate", str(spml), "--data", "synthetic:64,seed=3,size=32", "--out", str(tmp_path / "ev")]) == 0

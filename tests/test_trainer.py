@@ -221,6 +221,20 @@ def test_param_groups():
     assert sum(len(g["params"]) for g in opt.param_groups) == n_all
     sgd = build_optimizer(OptimConfig(name="sgd", lr=0.1, momentum=0.9, nesterov=True), [model])
     assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["nesterov"]
+    # adam's weight decay is L2 (added to the gradient, then normalised: the first step moves by lr),
+    # adamw's is decoupled (a zero gradient leaves only the shrink by lr * weight_decay)
+    for name, expected in (("adam", 1.0 - 0.1), ("adamw", 1.0 - 0.1 * 0.5)):
+        layer = torch.nn.Linear(1, 1, bias=False)
+        torch.nn.init.ones_(layer.weight)
+        opt = build_optimizer(OptimConfig(name=name, lr=0.1, weight_decay=0.5), [layer])
+        assert isinstance(opt, torch.optim.Adam if name == "adam" else torch.optim.AdamW)
+        (layer.weight * 0.0).sum().backward()
+        opt.step()
+        assert float(layer.weight) == pytest.approx(expected, rel=1e-5)
+    from cxrlab.errors import CxrlabError
+
+    with pytest.raises(CxrlabError, match="adamw, adam, sgd"):
+        build_optimizer(OptimConfig(name="adamm"), [model])
 
 
 def test_schedules():
