@@ -230,7 +230,7 @@ def test_param_groups():
         assert isinstance(opt, torch.optim.Adam if name == "adam" else torch.optim.AdamW)
         (layer.weight * 0.0).sum().backward()
         opt.step()
-        assert float(layer.weight) == pytest.approx(expected, rel=1e-5)
+        assert float(layer.weight.detach()) == pytest.approx(expected, rel=1e-5)
     from cxrlab.errors import CxrlabError
 
     with pytest.raises(CxrlabError, match="adamw, adam, sgd"):
