@@ -24,6 +24,7 @@ class DataConfig:
     policy: str = "full"                 # full | u_ones | u_zeros | u_ignore | spml
     policy_per_label: dict = field(default_factory=dict)  # label -> u_ones|u_zeros|u_ignore
     spml_no_finding: str = "keep"        # keep (positive = "No Finding") | drop
+    add_no_finding: bool = False         # other policies: add a "No Finding" output (positive when no label is)
     views: Any = None                    # None (all) | frontal | lateral | [PA, AP, ...]
     image_size: int = 64
     resize: str = "pad"                  # pad (keep the whole image, black borders) | crop (centre crop)

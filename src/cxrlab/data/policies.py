@@ -12,6 +12,9 @@ The standard choices, named as in the CheXpert paper (Irvin et al., AAAI 2019):
   is missing) or are dropped (``no_finding='drop'``).
 
 Blank (not mentioned) counts as a known 0 by default (``blank='zeros'``); ``blank='ignore'`` masks it.
+``add_no_finding`` (the other policies; SPML always has it with ``no_finding='keep'``) adds the same
+"No Finding" label: positive when no label is, negative when one is, unknown when none is positive but
+some is unknown; a space that already has "No Finding" keeps its own column.
 ``per_label`` overrides the uncertain handling per label, e.g. ``{"Atelectasis": "u_ones"}``.
 """
 from __future__ import annotations
@@ -51,7 +54,8 @@ class PolicyResult:
 
 
 def apply_policy(values, labels: LabelSpace, policy: str, per_label: dict | None = None, seed: int = 0,
-                 no_finding: str = "keep", blank: str = "zeros", keys: Iterable | None = None) -> PolicyResult:
+                 no_finding: str = "keep", blank: str = "zeros", keys: Iterable | None = None,
+                 add_no_finding: bool = False) -> PolicyResult:
     """Turn raw values (N×L) into a ``PolicyResult``; see the module docstring for the policies.
 
     ``keys`` (SPML only, optional): one identifier per row (e.g. the image path). When given, each
@@ -68,6 +72,8 @@ def apply_policy(values, labels: LabelSpace, policy: str, per_label: dict | None
     target, mask = _resolve(values, labels, per_column, blank)
     rows = np.arange(len(values), dtype=np.int64)
     if policy != "spml":
+        if add_no_finding and NO_FINDING not in labels.names:
+            return PolicyResult(labels.with_no_finding(), *_append_no_finding(target, mask), rows)
         return PolicyResult(labels, target, mask, rows)
     return _single_positive(target, mask, labels, seed, no_finding, keys)
 
@@ -118,6 +124,15 @@ def _resolve(values: np.ndarray, labels: LabelSpace, per_column: list[str], blan
         elif policy == "u_ignore":
             mask[uncertain, j] = 0.0
     return target, mask
+
+
+def _append_no_finding(target: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Target and mask with a trailing "No Finding" column (see the module docstring)."""
+    any_positive = ((target == 1) & (mask == 1)).any(1)
+    all_known = (mask == 1).all(1)
+    nf_target = (~any_positive & all_known).astype(np.float32)
+    nf_mask = (any_positive | all_known).astype(np.float32)
+    return np.concatenate([target, nf_target[:, None]], 1), np.concatenate([mask, nf_mask[:, None]], 1)
 
 
 def _single_positive(target, mask, labels: LabelSpace, seed: int, no_finding: str, keys) -> PolicyResult:
