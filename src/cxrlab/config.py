@@ -46,6 +46,8 @@ class ModelConfig:
     head: str = "linear"
     head_args: dict = field(default_factory=dict)
     drop_rate: float = 0.0
+    backbones: list = field(default_factory=list)  # several: [name | {name, pretrained, output_stride}]; [] = backbone
+    output_stride: int | None = None     # 8 | 16 | 32 where the backbone supports it; None = its default
 
 
 @dataclass
