@@ -46,6 +46,10 @@ class ModelConfig:
     head: str = "linear"
     head_args: dict = field(default_factory=dict)
     drop_rate: float = 0.0
+    # label text for heads that embed labels (``prototype``): see cxrlab.models.text, cxrlab.labels_text
+    text_encoder: str = "hashed"         # hashed | random | wordllama | hf:<path-or-id>
+    text_encoder_args: dict = field(default_factory=dict)
+    label_descriptions: dict = field(default_factory=dict)  # label -> description | {description, synonyms}
     backbones: list = field(default_factory=list)  # several: [name | {name, pretrained, output_stride}]; [] = backbone
     output_stride: int | None = None     # 8 | 16 | 32 where the backbone supports it; None = its default
 
@@ -179,7 +183,7 @@ def _resolve_base(raw: dict, seen: tuple) -> dict:
 
 # sections a recipe replaces whole instead of merging into its base's: a loss, head or regime's
 # arguments only make sense together (a new head must not inherit the old head's arguments)
-_REPLACED = ("loss", "head_args", "args")
+_REPLACED = ("loss", "head_args", "args", "text_encoder_args")
 
 
 def _merge(base: dict, top: dict) -> dict:
