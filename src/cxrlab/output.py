@@ -13,7 +13,12 @@ class Output:
     Extras keys in use (a head or regime documents which it fills):
       ``features``        B×D pooled image features
       ``label_features``  B×L×D' label-level features (LCL, label-query heads)
-      ``attention``       B×L×h×w per-label spatial attention (sums to 1 over space); heatmaps use it
+      ``attention``       B×L×h×w per-label spatial attention; heatmaps use it (rescaled per map). The
+                          softmax heads' maps (lcl, label_query) sum to 1 over space; cross_attention's
+                          are sigmoid gates, each location in [0, 1], not normalised over space
+      ``stream_logits``   B×K×L each backbone stream's own logits (cross_attention: K = 2)
+      ``cross_pooled``    B×D global average of the cross map A = F1' ⊙ F2' (cross_attention)
+      ``cross_logits``    B×L auxiliary classifier on ``cross_pooled`` (the can_attention loss reads it)
       ``label_attention`` B×L×L label-to-label self-attention weights (averaged over heads)
       ``correlation``     L×L global label-correlation matrix G (rows sum to 1)
       regime extras (two-view training): ``pseudo_target``, ``pseudo_mask``, ``weak_logits``,
