@@ -206,6 +206,59 @@ def test_chexpert_missing_label_column(shared_data, tmp_path):
         parse_source(f"chexpert:{root}")
 
 
+def _chexpert_with_test_labels(root, test_rows=None):
+    """A CheXpert-v1.0-small folder with 2-row train.csv / valid.csv and the official test labels'
+    layout: test_labels.csv with a Path relative to the dataset folder and the 14 observations only."""
+    dataset = root / "CheXpert-v1.0-small"
+    dataset.mkdir()
+    for name, folder, first in (("train.csv", "train", 1), ("valid.csv", "valid", 64541)):
+        rows = [{"Path": f"CheXpert-v1.0-small/{folder}/patient{first + i:05d}/study1/view1_frontal.jpg",
+                 "Sex": "Female", "Age": 50, "Frontal/Lateral": "Frontal", "AP/PA": "AP",
+                 **{n: 0.0 for n in CHEXPERT14.names}} for i in range(2)]
+        pd.DataFrame(rows).to_csv(dataset / name, index=False)
+    if test_rows is None:
+        test_rows = [{"Path": "test/patient64741/study1/view1_frontal.jpg", **{n: 0 for n in CHEXPERT14.names},
+                      "Cardiomegaly": 1},
+                     {"Path": "test/patient64741/study1/view2_lateral.jpg", **{n: 0 for n in CHEXPERT14.names},
+                      "Cardiomegaly": 1},
+                     {"Path": "test/patient64742/study1/view1_frontal.jpg", **{n: 0 for n in CHEXPERT14.names},
+                      "Edema": 1}]
+    pd.DataFrame(test_rows).to_csv(dataset / "test_labels.csv", index=False)
+    return dataset
+
+
+def test_chexpert_official_test_labels_are_the_test_part(tmp_path):
+    dataset = _chexpert_with_test_labels(tmp_path)
+    for location in (dataset, tmp_path):  # the dataset folder or its parent
+        records = parse_source(f"chexpert:{location}")
+        assert records.meta["split"].tolist() == ["train", "train", "val", "val", "test", "test", "test"]
+        test = records.meta[records.meta["split"] == "test"]
+        assert test["path"].tolist() == [str(dataset / "test/patient64741/study1/view1_frontal.jpg"),
+                                         str(dataset / "test/patient64741/study1/view2_lateral.jpg"),
+                                         str(dataset / "test/patient64742/study1/view1_frontal.jpg")]
+        assert test["patient_id"].tolist() == ["patient64741", "patient64741", "patient64742"]
+        assert test["frontal_lateral"].tolist() == ["frontal", "lateral", "frontal"]  # from the file names
+        values = records.values[records.meta["split"].to_numpy() == "test"]
+        assert values[:, CHEXPERT14.index("Cardiomegaly")].tolist() == [1, 1, 0]
+        assert values[:, CHEXPERT14.index("Edema")].tolist() == [0, 0, 1]
+    frontal = parse_source(f"chexpert:{dataset}", views="frontal")
+    assert (frontal.meta["split"] == "test").sum() == 2
+    from cxrlab.data.splits import official_split
+
+    parts = official_split(parse_source(f"chexpert:{dataset}"))
+    assert [len(parts[k]) for k in ("train", "val", "test")] == [2, 2, 3]
+    alone = parse_source(f"chexpert:{dataset / 'test_labels.csv'}")  # the file itself
+    assert set(alone.meta["split"]) == {"test"} and len(alone) == 3
+
+
+def test_chexpert_test_labels_missing_column_names_the_file(tmp_path):
+    rows = [{"Path": "test/patient64741/study1/view1_frontal.jpg", **{n: 0 for n in CHEXPERT14.names
+                                                                       if n != "Edema"}}]
+    _chexpert_with_test_labels(tmp_path, rows)
+    with pytest.raises(CxrlabError, match=r"test_labels.csv: required column 'Edema' is missing"):
+        parse_source(f"chexpert:{tmp_path}")
+
+
 # --- MIMIC-CXR-JPG (fake files: the real ones are credentialed) -------------------------------------
 
 def _mimic_fake(root, split_rows=None, labeller="chexpert"):

@@ -1,11 +1,15 @@
-"""CheXpert (Irvin et al., AAAI 2019): ``train.csv`` and ``valid.csv`` of v1.0 or v1.0-small.
+"""CheXpert (Irvin et al., AAAI 2019): ``train.csv`` and ``valid.csv`` of v1.0 or v1.0-small, and the
+official test labels ``test_labels.csv`` (radiologist consensus, released later) where present.
 
 The CSV paths start with the dataset folder (``CheXpert-v1.0-small/train/patient00001/study1/...``),
 so they are resolved against the folder that contains that dataset folder, whether the user points
-at it or at the dataset folder itself.
+at it or at the dataset folder itself. ``test_labels.csv`` has a ``Path`` relative to the dataset
+folder (``test/patient64741/study1/view1_frontal.jpg``) and the 14 observations, but no view columns:
+frontal or lateral is read from the file name.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -16,13 +20,14 @@ from ...labels import CHEXPERT14
 from ..records import Records
 from ._common import abspath, find_file, finish, first_line, label_matrix, make_meta, read_table, require_columns
 
-FILES = {"train": "train.csv", "val": "valid.csv"}
+FILES = {"train": "train.csv", "val": "valid.csv", "test": "test_labels.csv"}
 PATH_PATTERN = r"(?:^|/)(patient\d+)/(study\d+)/"
 
 
 def load_chexpert(location, views=None) -> Records:
     """Records over CHEXPERT14 with raw values (1, 0, -1, NaN) and ``split`` train (train.csv) /
-    val (valid.csv). ``location`` is the dataset folder, its parent, or one of the CSV files."""
+    val (valid.csv) / test (test_labels.csv, when present). ``location`` is the dataset folder, its
+    parent, or one of the CSV files."""
     tables = [_read_split(csv, part) for csv, part in _label_files(abspath(location))]
     values = np.concatenate([v for v, _ in tables])
     meta = pd.concat([m for _, m in tables], ignore_index=True)
@@ -31,7 +36,8 @@ def load_chexpert(location, views=None) -> Records:
 
 def _label_files(location: Path) -> list[tuple[Path, str]]:
     if location.is_file():
-        return [(location, "val" if "valid" in location.name.lower() else "train")]
+        name = location.name.lower()
+        return [(location, "val" if "valid" in name else "test" if "test" in name else "train")]
     if not location.is_dir():
         raise CxrlabError(f"chexpert: folder not found: {location}")
     for folder in [location, *sorted(location.glob("CheXpert-v1.0*"))]:
@@ -45,7 +51,7 @@ def _label_files(location: Path) -> list[tuple[Path, str]]:
 
 def _read_split(csv: Path, part: str) -> tuple[np.ndarray, pd.DataFrame]:
     df = read_table(csv)
-    require_columns(df, ("Path", "Frontal/Lateral", *CHEXPERT14.names), csv)
+    require_columns(df, ("Path", *(() if part == "test" else ("Frontal/Lateral",)), *CHEXPERT14.names), csv)
     values = label_matrix(df, CHEXPERT14.names, csv)
     rel = df["Path"].astype("str").str.strip().str.replace("\\", "/", regex=False)
     ids = rel.str.extract(PATH_PATTERN)
@@ -54,7 +60,11 @@ def _read_split(csv: Path, part: str) -> tuple[np.ndarray, pd.DataFrame]:
         line = first_line(bad)
         raise CxrlabError(f"{csv}: line {line}: path {rel.iloc[line - 2]!r} does not contain "
                           "patientNNNNN/studyN/")
-    side = df["Frontal/Lateral"].astype("str").str.strip()
+    if "Frontal/Lateral" in df.columns:
+        side = df["Frontal/Lateral"].astype("str").str.strip()
+    else:  # test_labels.csv: view1_frontal.jpg / view2_lateral.jpg
+        side = rel.str.extract(r"_(frontal|lateral)\.[^/]*$", flags=re.IGNORECASE)[0].str.capitalize()
+        side = side.fillna("unknown")
     group = side.str.lower().where(side.str.lower().isin(["frontal", "lateral"]), "unknown").fillna("unknown")
     position = (df["AP/PA"].astype("str").str.strip() if "AP/PA" in df.columns
                 else pd.Series(pd.NA, index=df.index, dtype="str"))
