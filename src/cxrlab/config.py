@@ -105,6 +105,8 @@ class EvalConfig:
     threshold: str = "f1"                # f1 | youden (fitted on validation only)
     bootstrap: int = 200                 # bootstrap resamples for test-set CIs (0 = none)
     ci: float = 0.95
+    min_positives: int = 10              # a label with fewer test positives is flagged unreliable
+    exclude_unreliable: bool = False     # leave flagged labels out of the macro averages
 
 
 @dataclass
