@@ -1,0 +1,123 @@
+"""Paired significance of a recipe comparison: each recipe against a reference on the same test images.
+
+Every run writes ``report/test_predictions.csv`` (a ``path`` column, then one probability per label).
+Runs are matched by position (seed s with seed s, fold (r, k) with fold (r, k)), their predictions
+aligned by path, and all matched runs pooled into one set of rows. An image tested in several runs
+(several seeds, or several CV repeats) is one cluster: DeLong's variance sums its rows' influence and the
+bootstrap resamples it whole, so its repeats do not count as independent evidence. The differences are
+therefore of the pooled macro AUC / mAP (all runs' rows scored together), recipe minus reference.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..errors import CxrlabError, unknown
+
+PREDICTIONS = Path("report") / "test_predictions.csv"
+
+
+def read_predictions(run_dir, label_names) -> pd.DataFrame:
+    """A run's test predictions indexed by path, columns ``label_names`` (checked)."""
+    path = Path(run_dir) / PREDICTIONS
+    try:
+        df = pd.read_csv(path)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise CxrlabError(f"cannot read test predictions {path}: {exc}") from exc
+    if "path" not in df.columns:
+        raise CxrlabError(f"{path}: no 'path' column (columns: {', '.join(map(str, df.columns))})")
+    for name in label_names:
+        if name not in df.columns:
+            raise unknown(f"label column in {path}", name, [c for c in df.columns if c != "path"])
+    twice = df["path"].duplicated()
+    if twice.any():
+        raise CxrlabError(f"{path}: image {df['path'][twice].iloc[0]!r} is listed twice")
+    return df.set_index("path")[list(label_names)]
+
+
+def pooled_pairs(runs, reference_runs, targets: pd.DataFrame, mask: pd.DataFrame):
+    """(probs, reference probs, targets, mask, cluster ids) over all matched runs' test rows.
+
+    ``targets``/``mask`` are indexed by image path with one column per label: the labels every run is
+    scored on. A pair of runs must have tested exactly the same images.
+    """
+    if len(runs) != len(reference_runs):
+        raise CxrlabError(f"{len(runs)} runs against {len(reference_runs)} reference runs: nothing to pair")
+    names = list(targets.columns)
+    blocks = []
+    for run, ref in zip(runs, reference_runs):
+        a, b = read_predictions(run, names), read_predictions(ref, names)
+        if set(a.index) != set(b.index):
+            extra = sorted(set(a.index) ^ set(b.index))[0]
+            raise CxrlabError(f"{Path(run) / PREDICTIONS} and {Path(ref) / PREDICTIONS} tested different images "
+                              f"(e.g. {extra!r}); a paired comparison needs identical test sets")
+        missing = b.index.difference(targets.index)
+        if len(missing):
+            raise CxrlabError(f"{Path(ref) / PREDICTIONS}: image {missing[0]!r} is not in the labelled data")
+        paths = b.index
+        blocks.append((a.loc[paths].to_numpy(), b.to_numpy(), targets.loc[paths].to_numpy(),
+                       mask.loc[paths].to_numpy(), paths.to_numpy()))
+    return tuple(np.concatenate([blk[i] for blk in blocks]) for i in range(5))
+
+
+def paired_significance(run_dirs: dict, reference: str, targets: pd.DataFrame, mask: pd.DataFrame,
+                        resamples: int = 1000, ci: float = 0.95, seed: int = 0) -> dict:
+    """recipe → macro AUC and mAP difference against ``reference`` (pooled, see the module docstring),
+    with the paired bootstrap's CI and p-value and, for the macro AUC, DeLong's SE and p-value.
+
+    ``run_dirs`` maps recipe name → its run directories in matching order (seeds or folds).
+    """
+    from ..metrics.significance import delong_test, paired_bootstrap
+
+    if reference not in run_dirs:
+        raise unknown("reference recipe", reference, list(run_dirs))
+    out = {}
+    for recipe, runs in run_dirs.items():
+        if recipe == reference:
+            continue
+        a, b, t, m, clusters = pooled_pairs(runs, run_dirs[reference], targets, mask)
+        names = list(targets.columns)
+        delong = delong_test(a, b, t, m, names, clusters=clusters)["macro"]
+        boot = paired_bootstrap(a, b, t, m, names, clusters=clusters, resamples=resamples, ci=ci, seed=seed)
+        out[recipe] = {
+            "macro_auc": {"difference": boot["macro_auc"]["difference"], "ci": boot["macro_auc"]["ci"],
+                          "p_bootstrap": boot["macro_auc"]["p"], "p_delong": delong["p"], "se_delong": delong["se"],
+                          "recipe": boot["macro_auc"]["a"], "reference": boot["macro_auc"]["b"]},
+            "map": {"difference": boot["map"]["difference"], "ci": boot["map"]["ci"],
+                    "p_bootstrap": boot["map"]["p"], "recipe": boot["map"]["a"], "reference": boot["map"]["b"]},
+            "runs": len(runs), "rows": int(len(a)), "images": int(boot["n_clusters"]),
+            "delong_labels": delong["labels"],
+        }
+    return {"reference": reference, "resamples": int(resamples), "ci": float(ci), "seed": int(seed),
+            "recipes": out}
+
+
+def _signed(x, digits: int = 4) -> str:
+    return "–" if x is None or not np.isfinite(x) else f"{x:+.{digits}f}"
+
+
+def _p(x) -> str:
+    if x is None or not np.isfinite(x):
+        return "–"
+    return f"{x:.2g}" if x >= 0.001 else "< 0.001"
+
+
+def significance_markdown(result: dict) -> str:
+    """The comparison's significance section (Markdown)."""
+    ref, level = result["reference"], int(round(100 * result["ci"]))
+    lines = ["", f"## Against the reference `{ref}` (paired, same test images)", "",
+             f"Differences are recipe − {ref} of the macro AUC and mAP of all runs' test predictions pooled "
+             f"(runs matched seed by seed or fold by fold); {level} % CIs and p-values from "
+             f"{result['resamples']} paired bootstrap resamples of images (an image tested in several runs "
+             "is resampled whole), and DeLong's test for the macro AUC with the same clustering.", "",
+             f"| recipe | runs | images | Δ macro AUC [{level} % CI] | p DeLong | p bootstrap "
+             f"| Δ mAP [{level} % CI] | p bootstrap |", "|---|---:|---:|---|---:|---:|---|---:|"]
+    for recipe, r in result["recipes"].items():
+        auc, ap = r["macro_auc"], r["map"]
+        cell = {k: f"{_signed(v['difference'])} [{_signed(v['ci'][0])}, {_signed(v['ci'][1])}]"
+                for k, v in (("auc", auc), ("ap", ap))}
+        lines.append(f"| {recipe} | {r['runs']} | {r['images']} | {cell['auc']} | {_p(auc['p_delong'])} "
+                     f"| {_p(auc['p_bootstrap'])} | {cell['ap']} | {_p(ap['p_bootstrap'])} |")
+    return "\n".join(lines) + "\n"
