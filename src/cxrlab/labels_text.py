@@ -45,7 +45,8 @@ _TABLE = [
        "collapse of part of the lung with loss of volume, seen as a linear or wedge shaped opacity that "
        "pulls the fissures, diaphragm or mediastinum towards it."),
     _t("Cardiomegaly", ["enlarged heart", "cardiac enlargement"],
-       "enlargement of the heart, the cardiac silhouette wider than half of the chest on a frontal film."),
+       "an enlarged heart: the cardiac silhouette, the central shadow of the heart, wider than half of "
+       "the chest on a frontal film."),
     _t("Pneumonia", ["lung infection", "chest infection"],
        "infection of the lung that fills the air spaces with pus and fluid, seen as patchy or lobar "
        "consolidation, an air space opacity, often with air bronchograms."),
