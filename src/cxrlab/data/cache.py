@@ -73,12 +73,14 @@ class CacheInfo:
 
 # ------------------------------------------------------------------------------------------ resizing
 
-def fit_image(image: np.ndarray, size: int, mode: str = "pad") -> np.ndarray:
+def fit_image(image: np.ndarray, size: int, mode: str = "pad", shape: tuple[int, int] | None = None) -> np.ndarray:
     """A float [0, 1] (or uint8) H×W image as uint8 ``size``×``size``, aspect ratio kept.
 
     ``pad`` (the default) scales the long side to ``size`` and centres the image on black, so nothing
     of the chest is cut; ``crop`` scales the short side to ``size`` and cuts the centre. Resizing is
     Pillow's antialiased bilinear filter (no aliasing when shrinking a 3000-px film to 224 px).
+    ``shape``: the full image's H×W when ``image`` is a reduced decode of it (JPEG draft mode); the
+    scaled size and padding then come from it, as for the full image.
     """
     from PIL import Image
 
@@ -86,8 +88,8 @@ def fit_image(image: np.ndarray, size: int, mode: str = "pad") -> np.ndarray:
         raise CxrlabError(f"unknown resize mode {mode!r} (valid: {', '.join(MODES)})")
     if image.dtype != np.uint8:
         image = np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
-    h, w = image.shape
-    if (h, w) == (size, size):
+    h, w = shape or image.shape
+    if (h, w) == (size, size) == image.shape:
         return np.ascontiguousarray(image)
     scale = size / (max(h, w) if mode == "pad" else min(h, w))
     new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
@@ -118,9 +120,9 @@ def prepare(records: Records, out_dir, size: int, mode: str = "pad", workers: in
             on_error: str = "skip", progress: bool = True) -> CacheInfo:
     """Decode every image of ``records`` into a cache at ``out_dir`` (see the module docstring).
 
-    ``workers``: decoding processes (forked; threads where fork is unavailable); None = up to 8, one per
-    CPU; 1 = in this process. ``on_error``: ``skip`` lists unreadable images in failed.csv and leaves
-    them out, ``fail`` stops at the first one (what was done so far is kept for a re-run). A complete
+    ``workers``: decoding processes (forked; threads where fork is unavailable); None = one per CPU
+    this process may use; 1 = in this process. ``on_error``: ``skip`` lists unreadable images in
+    failed.csv and leaves them out, ``fail`` stops at the first one (what was done so far is kept for a re-run). A complete
     cache of the same source, size and mode is reused as is; one of anything else is an error.
     """
     _check_args(size, mode, on_error, workers)
@@ -226,15 +228,25 @@ def _decode_chunk(rows: np.ndarray) -> tuple[np.ndarray, list[tuple[int, str]]]:
     done, errors = [], []
     for row in rows:
         try:
-            image = np.asarray(job["records"].read(int(row)))
-            if image.ndim != 2:
-                raise CxrlabError(f"expected a 2-D grayscale image, got shape {image.shape}")
-            images[row] = fit_image(image, job["size"], job["mode"])
+            images[row] = _read_fitted(job["records"], int(row), job["size"], job["mode"])
             done.append(row)
         except Exception as exc:  # noqa: BLE001 - every reader failure is reported per image
             errors.append((int(row), f"{type(exc).__name__}: {exc}"))
     images.flush()
     return np.asarray(done, dtype=np.int64), errors
+
+
+def _read_fitted(records: Records, row: int, size: int, mode: str) -> np.ndarray:
+    """Row ``row`` fitted to ``size``: files through ``read_fitted`` (reduced JPEG decoding, uint8
+    throughout), a custom reader's array through ``fit_image``."""
+    if records.reader is None:
+        from .images import read_fitted
+
+        return read_fitted(records.meta["path"].iloc[row], size, mode)
+    image = np.asarray(records.read(row))
+    if image.ndim != 2:
+        raise CxrlabError(f"expected a 2-D grayscale image, got shape {image.shape}")
+    return fit_image(image, size, mode)
 
 
 def _build(records: Records, partial: Path, key: str, size: int, mode: str, workers, on_error, progress):
@@ -260,7 +272,7 @@ def _fill(records, partial: Path, images, status, size, mode, workers, on_error,
     from tqdm.auto import tqdm
 
     todo = np.flatnonzero(np.asarray(status) != DONE)
-    workers = workers or min(8, os.cpu_count() or 1)
+    workers = workers or available_cpus()
     chunk = _chunk_size(len(todo), size, workers)
     chunks = [todo[i:i + chunk] for i in range(0, len(todo), chunk)]
     _JOB.clear()
@@ -287,6 +299,15 @@ def _fill(records, partial: Path, images, status, size, mode, workers, on_error,
         bar.close()
         _JOB.clear()
     return errors
+
+
+def available_cpus() -> int:
+    """The cores this process may run on (its affinity mask: a container's or a job's share, which
+    ``os.cpu_count`` ignores)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - macOS, Windows
+        return os.cpu_count() or 1
 
 
 def _chunk_size(n_todo: int, size: int, workers: int) -> int:
@@ -406,7 +427,6 @@ def _read_index(path: Path, labels: LabelSpace) -> pd.DataFrame:
     except (OSError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise CxrlabError(f"cannot read cache index {path}: {type(exc).__name__}: {exc}") from None
 
-
 # ------------------------------------------------------------------------------------------ CLI
 
 def add_prepare_command(subparsers) -> argparse.ArgumentParser:
@@ -418,7 +438,7 @@ def add_prepare_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="cache folder to create")
     p.add_argument("--mode", choices=MODES, default="pad",
                    help="pad: keep the whole image, black borders (default); crop: centre crop")
-    p.add_argument("--workers", type=int, default=None, help="decoding processes (default: CPUs, up to 8)")
+    p.add_argument("--workers", type=int, default=None, help="decoding processes (default: one per usable CPU)")
     p.add_argument("--on-error", choices=ON_ERROR, default="skip",
                    help="skip: list unreadable images in failed.csv and go on (default); fail: stop")
     p.add_argument("--views", default=None, help="keep these views only, e.g. frontal or PA,AP")
