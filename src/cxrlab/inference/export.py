@@ -1,0 +1,206 @@
+"""Export a checkpoint to ONNX with torch's own exporter, checked against ONNX Runtime before writing.
+
+The graph takes ``image`` (batch×1×S×S float32 in [0, 1]; the backbone's input normalisation is inside
+it) and returns ``probabilities`` and ``logits`` (batch×L) and, when the head has spatial maps,
+``maps`` (batch×L×h×w: the head's per-label attention or the linear head's CAM, before upsampling),
+since ONNX Runtime has no autograd: native heatmaps are then built from ``maps`` in numpy. A per-label
+temperature recorded by ``calibrate`` divides the logits inside the graph.
+
+We use the TorchScript exporter (``torch.onnx.export(..., dynamo=False)``): it traces these models
+(convolutional backbones, attention heads written with matmuls and two-operand einsums) to a plain
+graph with a dynamic batch axis. Tracing runs at batch 2 so no size-1 dimension is baked in, and with
+``nn.MultiheadAttention``'s fused inference fast path switched off (it has no ONNX mapping).
+
+Nothing is written unless ONNX Runtime reproduces eager PyTorch's probabilities on the check images
+within ``tolerance`` (1e-4), at the whole batch and at batch 1.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import CxrlabError
+from .onnx_predictor import INPUT_NAME, SIDECAR_FORMAT, SIDECAR_VERSION, sha256_file, sidecar_path
+
+TOLERANCE = 1e-4
+OPSET = 17
+
+
+class ExportGraph(nn.Module):
+    """``x -> (probabilities, logits[, maps])`` of a CxrModel, as exported."""
+
+    def __init__(self, model: nn.Module, size: int, temperature=None):
+        super().__init__()
+        from .heatmaps import native_maps
+
+        self.model = model
+        self._native_maps = native_maps
+        t = torch.ones(0) if temperature is None else torch.as_tensor(temperature, dtype=torch.float32)
+        self.register_buffer("temperature", t)
+        with torch.no_grad():
+            self.has_maps = self._maps(torch.zeros(2, 1, size, size))[1] is not None
+
+    def _maps(self, x):
+        fmap = self.model.features(x)
+        out = self.model.head(fmap)
+        return out, self._native_maps(self.model, fmap, out)
+
+    def forward(self, x: torch.Tensor):
+        out, maps = self._maps(x)
+        logits = out.logits.float()
+        if self.temperature.numel():
+            logits = logits / self.temperature
+        probs = torch.sigmoid(logits)
+        return (probs, logits, maps) if self.has_maps else (probs, logits)
+
+
+@contextlib.contextmanager
+def _no_mha_fastpath():
+    """``nn.MultiheadAttention``'s fused inference path has no ONNX mapping: off while tracing."""
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "set_fastpath_enabled"):
+        yield
+        return
+    previous = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(previous)
+
+
+def threshold_source(info: dict) -> str:
+    """Where a checkpoint's thresholds came from, in words."""
+    if info.get("threshold_source"):
+        source = info["threshold_source"]
+        return source if isinstance(source, str) else json.dumps(source, sort_keys=True)
+    if info.get("thresholds") is not None:
+        return "fitted per label on the training run's validation part"
+    return "none fitted: 0.5 for every label"
+
+
+def check_images(paths, size: int, resize: str) -> tuple[np.ndarray, list[str]]:
+    """Fitted uint8 images (N×S×S) for the parity check: the given files, or, without any, eight of
+    the embedded synthetic radiographs."""
+    from ..data.cache import fit_image
+
+    if paths:
+        from ..data.images import read_image
+        from ..data.sources.generic import collect_images
+
+        files = collect_images(paths)
+        return np.stack([fit_image(read_image(f), size, resize) for f in files]), [str(f) for f in files]
+    from ..data.sources import parse_source
+
+    records = parse_source(f"synthetic:8,size={size}")
+    return (np.stack([fit_image(np.asarray(records.read(i)), size, resize) for i in range(len(records))]),
+            [f"synthetic:8,size={size} #{i}" for i in range(len(records))])
+
+
+def export_onnx(checkpoint, out, check: list | None = None, tolerance: float = TOLERANCE,
+                opset: int = OPSET) -> dict:
+    """Write ``out`` (ONNX) and ``out.json`` (sidecar) for a checkpoint; return the sidecar.
+
+    ``check``: image files/folders for the parity check (default: synthetic radiographs). Raises a
+    CxrlabError, writing nothing, when ONNX Runtime and PyTorch differ by more than ``tolerance``.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    from .. import __version__
+    from ..checkpoint import INFO_FILE, MODEL_FILE, STATE_FILE, find_checkpoint, load_model, read_info
+
+    folder = find_checkpoint(Path(checkpoint))
+    info = read_info(folder)
+    model, info = load_model(folder)
+    model = model.float().eval()
+    data = info["recipe"]["data"]
+    size, resize = int(data["image_size"]), data.get("resize", "pad")
+    temperature = info.get("temperature")
+    graph = ExportGraph(model, size, temperature).eval()
+    names = ["probabilities", "logits"] + (["maps"] if graph.has_maps else [])
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    dummy = torch.rand(2, 1, size, size, generator=torch.Generator().manual_seed(0))
+    try:
+        with _no_mha_fastpath(), torch.no_grad(), warnings.catch_warnings():
+            # the tracer warns about Python-side shape checks; they hold for every batch size
+            warnings.simplefilter("ignore")
+            torch.onnx.export(graph, (dummy,), str(tmp), dynamo=False, opset_version=opset,
+                              input_names=[INPUT_NAME], output_names=names,
+                              dynamic_axes={n: {0: "batch"} for n in [INPUT_NAME] + names})
+        onnx.checker.check_model(str(tmp))
+        images, image_names = check_images(check, size, resize)
+        parity = _parity(graph, tmp, images, names, tolerance)
+        parity["images"] = image_names
+        if parity["max_abs_diff"] > tolerance:
+            raise CxrlabError(f"ONNX export of {folder} failed its parity check: ONNX Runtime and PyTorch "
+                              f"probabilities differ by up to {parity['max_abs_diff']:.2e} (> {tolerance:g}) "
+                              f"on {len(images)} images; nothing was written")
+        weights_file = STATE_FILE if info.get("ema") else MODEL_FILE
+        m = info["recipe"]["model"]
+        sidecar = {
+            "format": SIDECAR_FORMAT, "version": SIDECAR_VERSION, "cxrlab_version": __version__,
+            "exporter": f"torch.onnx.export (TorchScript tracer, dynamo=False), opset {opset}",
+            "torch_version": torch.__version__, "onnx_version": onnx.__version__,
+            "onnxruntime_version": ort.__version__,
+            "model_file": out.name, "model_sha256": sha256_file(tmp),
+            "checkpoint": str(folder), "weights_file": weights_file + (" (EMA weights)" if info.get("ema") else ""),
+            "weights_sha256": info.get("files", {}).get(weights_file, {}).get("sha256"),
+            "checkpoint_json_sha256": sha256_file(folder / INFO_FILE),
+            "head": m.get("head"), "backbones": [b.name for b in _backbones(model)],
+            "labels": list(info["labels"]),
+            "thresholds": [float(t) for t in (info.get("thresholds") or [0.5] * len(info["labels"]))],
+            "threshold_source": threshold_source(info),
+            "temperature": None if temperature is None else [float(t) for t in temperature],
+            "image_size": size, "resize": resize,
+            "input": {"name": INPUT_NAME, "shape": ["batch", 1, size, size], "dtype": "float32",
+                      "range": [0.0, 1.0], "from": "grey image fitted to image_size (resize), / 255"},
+            "normalisation": [{"backbone": b.name, "mean": float(getattr(b, "input_mean", torch.tensor(np.nan))),
+                               "std": float(getattr(b, "input_std", torch.tensor(np.nan))),
+                               "where": "inside the graph"} for b in _backbones(model)],
+            "outputs": {"probabilities": "batch×L sigmoid(logits)", "logits": "batch×L",
+                        **({"maps": "batch×L×h×w raw per-label maps (attention or CAM)"} if graph.has_maps else {})},
+            "parity": parity,
+        }
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, out)
+    side = sidecar_path(out)
+    side_tmp = side.with_name(f".{side.name}.tmp-{os.getpid()}")
+    side_tmp.write_text(json.dumps(sidecar, indent=1))
+    os.replace(side_tmp, side)
+    return sidecar
+
+
+def _backbones(model) -> list:
+    backbone = model.backbone
+    return list(backbone) if isinstance(backbone, nn.ModuleList) else [backbone]
+
+
+def _parity(graph: ExportGraph, path: Path, images: np.ndarray, names: list[str], tolerance: float) -> dict:
+    """Max |ORT - eager| of the probabilities (whole batch and batch 1) and of the raw maps."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = images.astype(np.float32)[:, None] / np.float32(255.0)
+    with torch.no_grad():
+        eager = [t.numpy() for t in graph(torch.from_numpy(x))]
+    ours = session.run(names, {INPUT_NAME: x})
+    single = session.run(["probabilities"], {INPUT_NAME: x[:1]})[0]
+    prob_diff = max(float(np.abs(ours[0] - eager[0]).max()), float(np.abs(single - eager[0][:1]).max()))
+    result = {"max_abs_diff": prob_diff, "n": int(len(images)), "batch_sizes": [1, int(len(images))],
+              "tolerance": tolerance}
+    if "maps" in names:
+        scale = max(float(np.abs(eager[2]).max()), 1e-12)
+        result["maps_max_rel_diff"] = float(np.abs(ours[2] - eager[2]).max()) / scale
+    return result

@@ -1,0 +1,48 @@
+"""Heatmap post-processing in numpy (no torch): upsampling, scaling to [0, 1], PNG overlays.
+
+Both the PyTorch path and the ONNX Runtime path build their pictures here, so a heatmap looks the
+same whichever backend computed the raw maps.
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+
+def _axis_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices and weights of bilinear resampling along one axis with half-pixel centres
+    (``F.interpolate(..., mode="bilinear", align_corners=False)``): coordinates clamped at the border."""
+    pos = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
+    pos = np.clip(pos, 0.0, n_in - 1)
+    low = np.floor(pos).astype(np.int64)
+    high = np.minimum(low + 1, n_in - 1)
+    return low, high, pos - low
+
+
+def resize_maps(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear upsampling of ``...×h×w`` maps to ``...×H×W`` (as torch's align_corners=False)."""
+    maps = np.asarray(maps, dtype=np.float32)
+    (y0, y1, wy), (x0, x1, wx) = _axis_weights(maps.shape[-2], size[0]), _axis_weights(maps.shape[-1], size[1])
+    rows = maps[..., y0, :] * (1 - wy)[:, None] + maps[..., y1, :] * wy[:, None]
+    return (rows[..., x0] * (1 - wx) + rows[..., x1] * wx).astype(np.float32)
+
+
+def normalise_maps(maps: np.ndarray) -> np.ndarray:
+    """Each map (last two axes) scaled to [0, 1] by its own min and max (a flat map becomes 0)."""
+    low = maps.min(axis=(-2, -1), keepdims=True)
+    high = maps.max(axis=(-2, -1), keepdims=True)
+    return ((maps - low) / np.maximum(high - low, 1e-12)).astype(np.float32)
+
+
+def overlay_png(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4) -> bytes:
+    """PNG bytes of a uint8 grey image with a [0, 1] heatmap over it in the ``jet`` colour map."""
+    from matplotlib import colormaps
+    from PIL import Image
+
+    grey = np.repeat(np.asarray(image, dtype=np.float32)[..., None] / 255.0, 3, axis=-1)
+    colour = colormaps["jet"](np.clip(heatmap, 0.0, 1.0))[..., :3]
+    mixed = (1 - alpha) * grey + alpha * colour
+    buffer = io.BytesIO()
+    Image.fromarray(np.round(mixed * 255).astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
