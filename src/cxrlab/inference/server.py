@@ -1,0 +1,378 @@
+"""``cxrlab serve``: an HTTP API and a web page for one model (a checkpoint or an ONNX export).
+
+Stack: FastAPI on uvicorn. FastAPI gives typed endpoints, multipart uploads (through python-multipart)
+and the OpenAPI schema from the code itself (``/openapi.json``, ``/docs``); uvicorn is the reference
+ASGI server, small and well kept. Both are widely used, so deployment people know them.
+
+Design:
+
+* the model is loaded once, before the server accepts connections; a model that cannot be loaded (a
+  corrupt or hash-mismatched ONNX file or sidecar, a corrupt checkpoint) stops the start, naming the file;
+* decoding and inference run off the event loop in a bounded pool of ``workers`` threads with a queue
+  of ``queue`` more requests: beyond that a request gets 503 at once; one that takes longer than
+  ``timeout`` seconds gets 504 (its slot is freed when its work ends, so the bound holds);
+* the request body limit is enforced by an ASGI middleware while the body streams in, before any
+  parsing (413); uploads are identified by content (415 for anything but PNG, JPEG, DICOM), their
+  declared size is checked before decoding (422 for decompression bombs), and they only ever touch
+  a temporary folder of the server's own, emptied after each request;
+* labels asked for (``?labels=``) that the model was not trained on come back as ``null``.
+"""
+# no "from __future__ import annotations": FastAPI reads the endpoint annotations at runtime
+
+import asyncio
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import CxrlabError, unknown
+from .uploads import MAX_PIXELS, UploadError, decode_upload
+
+MAX_UPLOAD_BYTES = 50 * 2**20
+STATIC = Path(__file__).with_name("static")
+DISCLAIMER = "Research tool, not a medical device: not for diagnosis or treatment decisions."
+
+
+# ------------------------------------------------------------------------------------------- model
+
+class OnnxBackend:
+    """An ONNX export through ONNX Runtime (no torch); native heatmaps only."""
+
+    methods = ("native",)
+
+    def __init__(self, path: Path, threads: int | None):
+        from .onnx_predictor import OnnxPredictor
+
+        self.predictor = OnnxPredictor(path, threads=threads)
+        p = self.predictor
+        self.label_names, self.thresholds, self.threshold_source = p.label_names, p.thresholds, p.threshold_source
+        self.image_size, self.identity = p.image_size, p.identity
+        if not p.has_maps:
+            self.methods = ()
+        import onnxruntime
+
+        self.runtime = f"onnxruntime {onnxruntime.__version__}"
+
+    def fit(self, image: np.ndarray) -> np.ndarray:
+        return self.predictor.fit_size(image)
+
+    def predict(self, fitted: np.ndarray) -> np.ndarray:
+        return self.predictor.predict_fitted(fitted)
+
+    def heatmap(self, fitted: np.ndarray, label: int, method: str) -> tuple[np.ndarray, np.ndarray]:
+        probs, maps = self.predictor.native_heatmaps(fitted)
+        return probs, maps[label]
+
+
+class TorchBackend:
+    """A checkpoint through PyTorch: native heatmaps and Grad-CAM / Grad-CAM++ (one at a time: they
+    hook the model)."""
+
+    def __init__(self, path: Path, threads: int | None):
+        import torch
+
+        from .export import threshold_source
+        from .onnx_predictor import sha256_file
+        from .predictor import Predictor
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.torch = torch
+        self.predictor = Predictor.from_checkpoint(path, device="cpu")
+        p, info = self.predictor, self.predictor.info
+        self.temperature = None if info.get("temperature") is None else np.asarray(info["temperature"], np.float64)
+        self.label_names, self.thresholds = p.label_names, p.thresholds
+        self.threshold_source = threshold_source(info)
+        self.image_size = p.image_size
+        from ..checkpoint import INFO_FILE, find_checkpoint
+
+        folder = find_checkpoint(path)
+        model = info["recipe"]["model"]
+        self.identity = {"file": folder.name, "format": "checkpoint", "sha256": sha256_file(folder / INFO_FILE),
+                         "weights_sha256": next(iter(info.get("files", {}).values()), {}).get("sha256"),
+                         "head": model.get("head"), "backbones": model.get("backbones") or [model.get("backbone")]}
+        self.runtime = f"torch {torch.__version__}"
+        self._cam_lock = threading.Lock()
+        with torch.no_grad():
+            x = torch.zeros(1, 1, self.image_size, self.image_size)
+            fmap = p.model.features(x)
+            from .heatmaps import native_maps
+
+            has_native = native_maps(p.model, fmap, p.model.head(fmap)) is not None
+        self.methods = (("native",) if has_native else ()) + ("gradcam", "gradcampp")
+
+    def fit(self, image: np.ndarray) -> np.ndarray:
+        return self.predictor.fit_size(image)
+
+    def _calibrated(self, probs: np.ndarray) -> np.ndarray:
+        if self.temperature is None:
+            return probs
+        logits = np.log(np.clip(probs, 1e-12, 1)) - np.log(np.clip(1 - probs, 1e-12, 1))
+        return (1 / (1 + np.exp(-logits / self.temperature))).astype(np.float32)
+
+    def predict(self, fitted: np.ndarray) -> np.ndarray:
+        return self._calibrated(self.predictor.predict_cached(fitted))
+
+    def heatmap(self, fitted: np.ndarray, label: int, method: str) -> tuple[np.ndarray, np.ndarray]:
+        from .heatmaps import gradcam_maps, label_heatmaps
+
+        x = self.torch.from_numpy(fitted).float().div_(255.0)[None, None]
+        if method == "native":
+            probs, maps = label_heatmaps(self.predictor.model, x)
+            return self._calibrated(probs)[0], maps[0, label]
+        with self._cam_lock:
+            cam = gradcam_maps(self.predictor.model, x, [label], method)[0]
+        return self.predict(fitted[None])[0], cam
+
+
+def load_backend(path, threads: int | None = None):
+    """The model behind the server: ``*.onnx`` through ONNX Runtime, anything else as a checkpoint."""
+    path = Path(path)
+    if path.suffix.lower() == ".onnx":
+        return OnnxBackend(path, threads)
+    return TorchBackend(path, threads)
+
+
+# ------------------------------------------------------------------------------------- middleware
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``limit`` bytes gets 413 before the app parses anything.
+
+    A declared Content-Length over the limit is answered at once; a body that streams past the limit
+    is read to its end without being kept (so the client sees the answer rather than a reset
+    connection) and answered 413; the app never sees it."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, int(limit)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._too_large(send, int(declared))
+        buffered, size, more = [], 0, True
+        while more:  # buffer the (bounded) body first, so nothing of an oversized one reaches the app
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            size += len(message.get("body", b""))
+            more = message.get("more_body", False)
+            if size > self.limit:
+                while more:
+                    message = await receive()
+                    more = message.get("type") == "http.request" and message.get("more_body", False)
+                return await self._too_large(send, size)
+            buffered.append(message.get("body", b""))
+        body = b"".join(buffered)
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+    async def _too_large(self, send, size: int) -> None:
+        detail = json.dumps({"detail": f"request body of {size:,} bytes exceeds the limit of {self.limit:,} bytes"})
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": detail.encode()})
+
+
+# ------------------------------------------------------------------------------------- worker pool
+
+class RequestError(Exception):
+    def __init__(self, status: int, detail: str):
+        super().__init__(detail)
+        self.status, self.detail = status, detail
+
+
+class WorkerPool:
+    """``workers`` threads and ``queue`` waiting places; full -> 503, slower than ``timeout`` -> 504."""
+
+    def __init__(self, workers: int, queue: int, timeout: float):
+        self.executor = ThreadPoolExecutor(max(1, workers), thread_name_prefix="cxrlab-serve")
+        self.capacity = max(1, workers) + max(0, queue)
+        self.slots = threading.BoundedSemaphore(self.capacity)
+        self.timeout = timeout
+        self.in_flight = 0
+
+    async def run(self, fn, *args):
+        if not self.slots.acquire(blocking=False):
+            raise RequestError(503, f"server busy: {self.capacity} requests in progress; retry later")
+        self.in_flight += 1
+
+        def release(_):
+            self.in_flight -= 1
+            self.slots.release()
+
+        future = self.executor.submit(fn, *args)
+        future.add_done_callback(release)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), self.timeout)
+        except asyncio.TimeoutError:
+            raise RequestError(504, f"inference took longer than {self.timeout:g} s") from None
+
+    def shutdown(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+# ------------------------------------------------------------------------------------------- app
+
+def create_app(model_path, workers: int = 2, queue: int = 8, timeout: float = 30.0,
+               max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_PIXELS,
+               tmp_dir=None, threads: int | None = None, delay: float = 0.0):
+    """The ASGI app (FastAPI wrapped in the body-limit middleware) for one model, loaded now.
+
+    ``threads``: inference threads per worker (default: the cores shared out among the workers).
+    ``tmp_dir``: where uploads are decoded (default: a fresh temporary folder, removed at shutdown).
+    ``delay``: seconds of sleep added to every inference job (tests of the 503/504 paths only)."""
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI, File, Form, Query, Request, UploadFile
+    from fastapi.responses import FileResponse, JSONResponse, Response
+    from fastapi.staticfiles import StaticFiles
+
+    from .. import __version__
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    backend = load_backend(model_path, threads or max(1, cores // max(1, workers)))
+    own_tmp = tmp_dir is None
+    tmp_root = Path(tempfile.mkdtemp(prefix="cxrlab-serve-") if own_tmp else tmp_dir)
+    tmp_root.mkdir(parents=True, exist_ok=True)
+    pool = WorkerPool(workers, queue, timeout)
+    state = {"ready": False}
+
+    @asynccontextmanager
+    async def lifespan(app):
+        # one warm-up inference: ready means the model answers
+        await pool.run(backend.predict, np.zeros((1, backend.image_size, backend.image_size), np.uint8))
+        state["ready"] = True
+        yield
+        state["ready"] = False
+        pool.shutdown()
+        if own_tmp:
+            shutil.rmtree(tmp_root, ignore_errors=True)
+
+    app = FastAPI(title="cxrlab", version=__version__, lifespan=lifespan,
+                  description=f"Multi-label chest X-ray classification. {DISCLAIMER}")
+
+    @app.exception_handler(RequestError)
+    async def _request_error(request: Request, exc: RequestError):
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status)
+
+    @app.exception_handler(CxrlabError)
+    async def _cxrlab_error(request: Request, exc: CxrlabError):
+        return JSONResponse({"detail": str(exc)}, status_code=getattr(exc, "status", 422))
+
+    def decode(data: bytes, name: str) -> np.ndarray:
+        if delay:
+            time.sleep(delay)
+        return backend.fit(decode_upload(data, name, max_pixels, tmp_root))
+
+    def predict_job(uploads: list[tuple[str, bytes]]) -> np.ndarray:
+        fitted = np.stack([decode(data, name) for name, data in uploads])
+        return backend.predict(fitted)
+
+    def heatmap_job(name: str, data: bytes, label: int, method: str) -> tuple[float, bytes]:
+        from .overlay import overlay_png
+
+        fitted = decode(data, name)
+        probs, heat = backend.heatmap(fitted, label, method)
+        return float(probs[label]), overlay_png(fitted, heat)
+
+    def label_index(label: str) -> int:
+        if label not in backend.label_names:
+            raise RequestError(422, str(unknown("label", label, backend.label_names)))
+        return backend.label_names.index(label)
+
+    async def read(files: list[UploadFile]) -> list[tuple[str, bytes]]:
+        if not files:
+            raise RequestError(422, "no file uploaded (multipart field 'files')")
+        return [(f.filename or f"file {i + 1}", await f.read()) for i, f in enumerate(files)]
+
+    @app.post("/predict", summary="Per-label probability, threshold and decision for one or several images")
+    async def predict(files: list[UploadFile] = File(..., description="PNG, JPEG or DICOM files"),
+                      labels: str | None = Query(None, description="comma-separated labels to report "
+                                                 "(default: the model's); untrained ones come back null")):
+        uploads = await read(files)
+        probs = await pool.run(predict_job, uploads)
+        wanted = [n.strip() for n in labels.split(",") if n.strip()] if labels else backend.label_names
+        results = []
+        for (name, _), row in zip(uploads, probs):
+            entries = []
+            for label in wanted:
+                if label in backend.label_names:
+                    j = backend.label_names.index(label)
+                    p, t = float(row[j]), float(backend.thresholds[j])
+                    entries.append({"label": label, "probability": p, "threshold": t, "positive": p >= t,
+                                    "trained": True})
+                else:
+                    entries.append({"label": label, "probability": None, "threshold": None, "positive": None,
+                                    "trained": False})
+            results.append({"file": name, "labels": entries})
+        return {"model": backend.identity, "threshold_source": backend.threshold_source, "results": results,
+                "disclaimer": DISCLAIMER}
+
+    @app.post("/heatmap", summary="PNG overlay of one label's heatmap on the image as the model sees it",
+              response_class=Response, responses={200: {"content": {"image/png": {}}}})
+    async def heatmap(file: UploadFile = File(...), label: str = Form(...),
+                      method: str = Form("native", description="native | gradcam | gradcampp")):
+        j = label_index(label)
+        if method not in backend.methods:
+            available = ", ".join(backend.methods) or "none for this head"
+            raise RequestError(422, f"heatmap method {method!r} is not available for this model "
+                                    f"({backend.runtime}; available: {available})")
+        (name, data), = await read([file])
+        probability, png = await pool.run(heatmap_job, name, data, j, method)
+        return Response(png, media_type="image/png",
+                        headers={"X-Label": label, "X-Probability": f"{probability:.6f}", "X-Method": method})
+
+    @app.get("/labels", summary="The model's labels, thresholds and where the thresholds came from")
+    async def get_labels():
+        return {"labels": [{"label": n, "threshold": float(t)} for n, t in zip(backend.label_names, backend.thresholds)],
+                "threshold_source": backend.threshold_source, "heatmap_methods": list(backend.methods),
+                "image_size": backend.image_size}
+
+    @app.get("/health", summary="200 once the model is loaded and has answered, 503 before")
+    async def health():
+        body = {"status": "ready" if state["ready"] else "loading", "in_flight": pool.in_flight,
+                "capacity": pool.capacity}
+        return JSONResponse(body, status_code=200 if state["ready"] else 503)
+
+    @app.get("/version", summary="cxrlab and runtime versions, and the model's identity")
+    async def version():
+        return {"cxrlab": __version__, "runtime": backend.runtime, "model": backend.identity}
+
+    @app.get("/", include_in_schema=False)
+    async def index():
+        return FileResponse(STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.state.backend, app.state.pool, app.state.tmp_root = backend, pool, tmp_root
+    wrapped = BodyLimit(app, max_upload_bytes)
+    wrapped.app_state = app.state
+    return wrapped
+
+
+def serve(model_path, host: str = "127.0.0.1", port: int = 8000, workers: int = 2, queue: int = 8,
+          timeout: float = 30.0, max_upload_mb: float = 50.0, log_level: str = "info") -> None:
+    """Load the model and serve it until interrupted (``cxrlab serve``)."""
+    import uvicorn
+
+    app = create_app(model_path, workers=workers, queue=queue, timeout=timeout,
+                     max_upload_bytes=int(max_upload_mb * 2**20))
+    # Starlette spools large multipart parts to temporary files: keep those inside our own folder too
+    tempfile.tempdir = str(app.app_state.tmp_root)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
+

@@ -1,0 +1,261 @@
+"""The HTTP service against a real uvicorn server on a loopback port: every endpoint's happy path and
+each bad input (oversized body, not an image, undecodable image, decompression bomb, unknown label,
+full pool, timeout), for an ONNX export and for a checkpoint; a model that fails to load stops the start."""
+from __future__ import annotations
+
+import io
+import json
+import socket
+import struct
+import threading
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_export import LABELS, tiny_checkpoint
+
+from cxrlab.errors import CxrlabError
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running(app):
+    """A real uvicorn server for ``app`` on a free loopback port, in a thread; yields its base URL."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        if time.time() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def model_files(tmp_path_factory, shared_data):
+    from cxrlab.inference.export import export_onnx
+
+    tmp = tmp_path_factory.mktemp("serve")
+    ckpt = tiny_checkpoint(tmp / "ckpt", "lcl")
+    export_onnx(ckpt, tmp / "model.onnx", check=[shared_data / "nih" / "00000001_000.png"])
+    return ckpt, tmp / "model.onnx"
+
+
+@pytest.fixture(scope="module")
+def onnx_server(model_files, tmp_path_factory):
+    from cxrlab.inference.server import create_app
+
+    uploads = tmp_path_factory.mktemp("uploads")
+    app = create_app(model_files[1], workers=2, queue=2, max_upload_bytes=3 * 2**20, max_pixels=20_000_000,
+                     tmp_dir=uploads)
+    with running(app) as url, httpx.Client(base_url=url, timeout=60) as client:
+        yield client, uploads
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares ``width``×``height`` and holds almost no data (a decompression-bomb shape)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def test_predict_one_and_several(onnx_server, shared_data, model_files):
+    from cxrlab.inference.onnx_predictor import OnnxPredictor
+
+    client, _ = onnx_server
+    files = [shared_data / "nih" / "00000001_000.png", shared_data / "covid" / "16747_3_1.jpg",
+             shared_data / "dicom" / "siim_pneumothorax_example.dcm"]
+    # content types and names say nothing: the server goes by content
+    response = client.post("/predict", files=[("files", (f.name, f.read_bytes(), "application/octet-stream"))
+                                               for f in files])
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"]["format"] == "onnx" and body["model"]["sha256"]
+    assert [r["file"] for r in body["results"]] == [f.name for f in files]
+    expected = OnnxPredictor(model_files[1]).predict_files(files)
+    for result, probs in zip(body["results"], expected):
+        assert [e["label"] for e in result["labels"]] == list(LABELS)
+        got = np.array([e["probability"] for e in result["labels"]])
+        np.testing.assert_allclose(got, probs, atol=1e-6)
+        thresholds = np.array([e["threshold"] for e in result["labels"]])
+        np.testing.assert_allclose(thresholds, [0.3, 0.5, 0.6])
+        assert [e["positive"] for e in result["labels"]] == list(got >= thresholds)
+    assert "not a medical device" in body["disclaimer"]
+
+
+def test_untrained_labels_are_null(onnx_server, shared_data):
+    client, _ = onnx_server
+    data = (shared_data / "nih" / "00000001_000.png").read_bytes()
+    body = client.post("/predict", params={"labels": "Effusion,Hernia"}, files={"files": ("a.png", data)}).json()
+    effusion, hernia = body["results"][0]["labels"]
+    assert effusion["label"] == "Effusion" and effusion["trained"] and 0 < effusion["probability"] < 1
+    assert hernia == {"label": "Hernia", "probability": None, "threshold": None, "positive": None, "trained": False}
+
+
+def test_heatmap_png(onnx_server, shared_data):
+    from PIL import Image
+
+    client, _ = onnx_server
+    data = (shared_data / "dicom" / "siim_pneumothorax_example.dcm").read_bytes()
+    response = client.post("/heatmap", files={"file": ("x.dcm", data)}, data={"label": "Cardiomegaly"})
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/png"
+    assert response.headers["x-label"] == "Cardiomegaly" and 0 < float(response.headers["x-probability"]) < 1
+    image = Image.open(io.BytesIO(response.content))
+    assert image.size == (64, 64) and image.mode == "RGB"
+    assert np.asarray(image).std() > 1  # a picture, not a blank
+
+
+def test_labels_health_version_docs(onnx_server):
+    client, _ = onnx_server
+    labels = client.get("/labels").json()
+    assert [x["label"] for x in labels["labels"]] == list(LABELS)
+    assert [x["threshold"] for x in labels["labels"]] == [0.3, 0.5, 0.6]
+    assert "validation" in labels["threshold_source"] and labels["heatmap_methods"] == ["native"]
+    health = client.get("/health")
+    assert health.status_code == 200 and health.json()["status"] == "ready"
+    version = client.get("/version").json()
+    assert version["runtime"].startswith("onnxruntime") and version["cxrlab"]
+    schema = client.get("/openapi.json").json()
+    assert {"/predict", "/heatmap", "/labels", "/health", "/version"} <= set(schema["paths"])
+    assert client.get("/docs").status_code == 200
+    page = client.get("/")
+    assert page.status_code == 200 and "not a medical device" in page.text
+    assert "http" not in client.get("/static/app.js").text.replace("http-equiv", "")  # nothing from a CDN
+
+
+def test_oversized_body_is_413(onnx_server):
+    client, _ = onnx_server
+    big = b"\x89PNG\r\n\x1a\n" + bytes(4 * 2**20)
+    response = client.post("/predict", files={"files": ("big.png", big)})
+    assert response.status_code == 413 and "exceeds the limit" in response.json()["detail"]
+
+    def chunks():  # no Content-Length: the middleware counts the streamed bytes
+        for _ in range(8):
+            yield bytes(2**19)
+
+    response = client.post("/predict", content=chunks(), headers={"content-type": "multipart/form-data; boundary=x"})
+    assert response.status_code == 413
+    assert client.get("/health").status_code == 200  # and the server is still up
+
+
+def test_not_an_image_is_415(onnx_server):
+    client, _ = onnx_server
+    response = client.post("/predict", files={"files": ("scan.png", b"hello, this is text", "image/png")})
+    assert response.status_code == 415
+    assert "scan.png: not a PNG, JPEG or DICOM" in response.json()["detail"]
+
+
+def test_undecodable_image_is_422(onnx_server, shared_data):
+    client, _ = onnx_server
+    data = (shared_data / "nih" / "00000001_000.png").read_bytes()
+    response = client.post("/predict", files={"files": ("cut.png", data[: len(data) // 2])})
+    assert response.status_code == 422
+    detail = response.json()["detail"]
+    assert "cut.png" in detail and "upload-" not in detail  # the user's name, not the temporary path
+
+
+def test_decompression_bomb_refused_before_decoding(onnx_server):
+    client, _ = onnx_server
+    response = client.post("/predict", files={"files": ("bomb.png", png_header_only(6_000, 6_000))})
+    assert response.status_code == 422  # over this server's limit (20 MP)
+    assert "6000×6000" in response.json()["detail"] and "decompression bomb" in response.json()["detail"]
+    response = client.post("/predict", files={"files": ("huge.png", png_header_only(60_000, 60_000))})
+    assert response.status_code == 422  # over Pillow's own limit, which it checks when opening
+    assert "huge.png" in response.json()["detail"] and "decompression bomb" in response.json()["detail"]
+
+
+def test_unknown_label_and_method_are_422(onnx_server, shared_data):
+    client, _ = onnx_server
+    data = (shared_data / "nih" / "00000001_000.png").read_bytes()
+    response = client.post("/heatmap", files={"file": ("a.png", data)}, data={"label": "Cardiomegally"})
+    assert response.status_code == 422
+    detail = response.json()["detail"]
+    assert "did you mean 'Cardiomegaly'" in detail and "Atelectasis, Cardiomegaly, Effusion" in detail
+    response = client.post("/heatmap", files={"file": ("a.png", data)}, data={"label": "Effusion", "method": "gradcam"})
+    assert response.status_code == 422 and "available: native" in response.json()["detail"]
+    assert client.post("/predict").status_code == 422  # no file at all
+
+
+def test_uploads_leave_no_file_behind(onnx_server, shared_data):
+    client, uploads = onnx_server
+    data = (shared_data / "nih" / "00000001_000.png").read_bytes()
+    assert client.post("/predict", files={"files": ("a.png", data)}).status_code == 200
+    assert client.post("/predict", files={"files": ("b.png", data[:100])}).status_code == 422
+    assert list(uploads.iterdir()) == []
+
+
+def test_full_pool_is_503_and_slow_is_504(model_files, shared_data):
+    from cxrlab.inference.server import create_app
+
+    data = (shared_data / "nih" / "00000001_000.png").read_bytes()
+    app = create_app(model_files[1], workers=1, queue=0, timeout=0.8, delay=0.5)
+    with running(app) as url:
+        def post(_):
+            with httpx.Client(base_url=url, timeout=30) as c:
+                return c.post("/predict", files={"files": ("a.png", data)}).status_code
+
+        with ThreadPoolExecutor(4) as ex:
+            codes = sorted(ex.map(post, range(4)))
+        assert codes.count(200) >= 1 and codes.count(503) >= 1 and set(codes) <= {200, 503}
+    app = create_app(model_files[1], workers=1, queue=0, timeout=0.2, delay=0.5)
+    with running(app) as url, httpx.Client(base_url=url, timeout=30) as c:
+        response = c.post("/predict", files={"files": ("a.png", data)})
+        assert response.status_code == 504 and "longer than 0.2 s" in response.json()["detail"]
+        time.sleep(0.5)  # the slow job ends and frees its slot
+        assert c.get("/health").json()["in_flight"] == 0
+
+
+def test_checkpoint_backend_with_gradcam(model_files, shared_data):
+    from cxrlab.inference.server import create_app
+
+    data = (shared_data / "nih" / "00027426_000.png").read_bytes()
+    with running(create_app(model_files[0], workers=1)) as url, httpx.Client(base_url=url, timeout=60) as c:
+        assert c.get("/labels").json()["heatmap_methods"] == ["native", "gradcam", "gradcampp"]
+        assert c.get("/version").json()["runtime"].startswith("torch")
+        body = c.post("/predict", files={"files": ("a.png", data)}).json()
+        assert len(body["results"][0]["labels"]) == len(LABELS)
+        for method in ("native", "gradcam", "gradcampp"):
+            response = c.post("/heatmap", files={"file": ("a.png", data)}, data={"label": "Effusion", "method": method})
+            assert response.status_code == 200 and response.headers["x-method"] == method
+
+
+def test_bad_model_refuses_to_start(model_files, tmp_path):
+    import shutil
+
+    from cxrlab.inference.server import create_app
+
+    model = tmp_path / "model.onnx"
+    shutil.copy(model_files[1], model)
+    shutil.copy(model_files[1].with_name("model.onnx.json"), tmp_path / "model.onnx.json")
+    raw = bytearray(model.read_bytes())
+    raw[len(raw) // 3] ^= 0xFF
+    model.write_bytes(bytes(raw))
+    with pytest.raises(CxrlabError, match=r"model\.onnx does not match its sidecar"):
+        create_app(model)
+    (tmp_path / "model.onnx.json").write_text(json.dumps({"format": "something else"}))
+    with pytest.raises(CxrlabError, match=r"model\.onnx\.json is not a cxrlab ONNX sidecar"):
+        create_app(model)
+    with pytest.raises(CxrlabError, match="checkpoint not found"):
+        create_app(tmp_path / "missing_checkpoint")
