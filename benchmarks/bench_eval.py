@@ -14,7 +14,7 @@ import time
 import numpy as np
 from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
-from cxrlab.evaluation.metrics import multilabel_report
+from cxrlab.metrics import multilabel_report
 
 
 def make_data(n: int, labels: int, seed: int = 0):

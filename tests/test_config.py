@@ -99,7 +99,7 @@ def test_unknown_loss_and_loss_argument_are_named():
     ("augment.strong.elastik=0.5", ["elastik", "elastic"]),
 ])
 def test_misspelt_parts_fail_before_any_data_is_read(override, words, tmp_path):
-    from cxrlab.engine.experiment import run
+    from cxrlab.workflows.experiment import run
 
     base = ["loss.focal.weight=1.0"] if override.startswith("loss.focal") else []
     regime = ["regime.name=mpc"] if override.startswith("regime") else []

@@ -8,7 +8,7 @@ import os
 import pandas as pd
 import pytest
 
-from cxrlab.data.commands import add_data_commands
+from cxrlab.cli.data import add_data_commands
 from cxrlab.data.splits import read_manifest
 from cxrlab.errors import CxrlabError
 from cxrlab.labels import CHEXPERT14

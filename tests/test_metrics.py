@@ -9,9 +9,10 @@ import torch
 from sklearn.metrics import average_precision_score, confusion_matrix, f1_score, roc_auc_score, roc_curve
 
 from cxrlab.errors import CxrlabError
-from cxrlab.evaluation.metrics import (aggregate, average_precision, binary_auc, bootstrap_aucs, macro_auc,
-                                       multilabel_report, write_comparison, _AucPlan)
-from cxrlab.evaluation.thresholds import fit_thresholds
+from cxrlab.evaluation.tables import aggregate, write_comparison
+from cxrlab.metrics import average_precision, binary_auc, macro_auc, multilabel_report
+from cxrlab.metrics.multilabel import _AucPlan, bootstrap_aucs
+from cxrlab.metrics import fit_thresholds
 
 
 def _data(n=300, labels=4, seed=0, levels=None):

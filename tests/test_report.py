@@ -5,7 +5,8 @@ import json
 
 import numpy as np
 
-from cxrlab.evaluation.metrics import label_cooccurrence, multilabel_report
+from cxrlab.labels import label_cooccurrence
+from cxrlab.metrics import multilabel_report
 from cxrlab.evaluation.plots import plot_matrices
 from cxrlab.evaluation.report import write_report
 

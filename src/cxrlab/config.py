@@ -10,7 +10,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -19,18 +19,20 @@ from .errors import CxrlabError, closest
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic:2000"       # KIND:LOCATION (see data/sources.py)
+    source: str = "synthetic:2000"       # KIND:LOCATION (see cxrlab.data.sources.parse_source)
     labels: Any = None                   # label space name or list of names; None = the source's own
-    policy: str = "full"                 # full | u_ones | u_zeros | u_ignore | spml
+    policy: Literal["full", "u_ones", "u_zeros", "u_ignore", "spml"] = "full"
     policy_per_label: dict = field(default_factory=dict)  # label -> u_ones|u_zeros|u_ignore
-    spml_no_finding: str = "keep"        # keep (positive = "No Finding") | drop
+    spml_no_finding: Literal["keep", "drop"] = "keep"  # keep (positive = "No Finding") | drop
     add_no_finding: bool = False         # other policies: add a "No Finding" output (positive when no label is)
     views: Any = None                    # None (all) | frontal | lateral | [PA, AP, ...]
     image_size: int = 64
-    resize: str = "pad"                  # pad (keep the whole image, black borders) | crop (centre crop)
-    labeller: str = "chexpert"           # MIMIC only: chexpert | negbio label file
-    cache_dir: str | None = None         # where prepared caches live (default: <out>/cache)
-    split: str = "random"                # official | random (patient-disjoint) | cv (use train.fold)
+    resize: Literal["pad", "crop"] = "pad"  # pad (keep the whole image, black borders) | crop (centre)
+    labeller: Literal["chexpert", "negbio"] = "chexpert"  # MIMIC only: which label file
+    cache_dir: str | None = None         # where prepared caches are made (default: $CXRLAB_CACHE or ~/.cache/cxrlab)
+    cache: str | None = None             # a cache folder from `cxrlab prepare --out DIR`: train from it (checked)
+    split: Literal["official", "random", "cv"] = "random"  # cv: the folds of `cxrlab cv` / `compare --cv`
+    folds_file: str | None = None        # a manifest from `cxrlab data split --out`: cv and compare use its folds
     val_fraction: float = 0.1
     test_fraction: float = 0.2
     folds: int = 5
@@ -68,7 +70,7 @@ class AugmentConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"                  # adamw | adam | sgd
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
     lr: float = 1e-3
     weight_decay: float = 1e-4
     momentum: float = 0.9
@@ -77,7 +79,7 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    name: str = "cosine"                 # cosine | step | constant
+    name: Literal["cosine", "step", "constant"] = "cosine"
     warmup_epochs: float = 0.0
     step_size: int = 10
     gamma: float = 0.1
@@ -88,21 +90,21 @@ class TrainConfig:
     epochs: int = 5
     batch_size: int = 32
     grad_clip: float | None = None
-    amp: str = "auto"                    # auto (bf16 on GPU, off on CPU) | bf16 | fp16 | off
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto: bf16 on GPU, off on CPU
     ema: float | None = None             # EMA decay of weights, e.g. 0.999
-    select_on: str = "macro_auc"         # macro_auc | loss
+    select_on: Literal["macro_auc", "loss"] = "macro_auc"
     early_stop_patience: int | None = None
     seed: int = 0
     device: str = "auto"
-    channels_last: bool = False
+    channels_last: bool = False          # NHWC model and batches (faster convolutions on GPU tensor cores)
+    compile: bool | str = False          # torch.compile the model: true (inductor), a mode or a backend name
     deterministic: bool = False          # torch deterministic algorithms, no cudnn autotuning (slower on GPU)
     find_unused_parameters: bool = False  # DDP: set true when some parameters get no gradient in a step
-    fold: Any = None                     # [repeat, fold] when split = cv
 
 
 @dataclass
 class EvalConfig:
-    threshold: str = "f1"                # f1 | youden (fitted on validation only)
+    threshold: Literal["f1", "youden"] = "f1"  # fitted on validation only
     bootstrap: int = 200                 # bootstrap resamples for test-set CIs (0 = none)
     ci: float = 0.95
     min_positives: int = 10              # a label with fewer test positives is flagged unreliable
@@ -247,6 +249,13 @@ def _coerce(hint, value, key: str):
             except CxrlabError as exc:
                 errors.append(str(exc))
         raise CxrlabError(errors[0])
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            hint_name = closest(str(value), [str(c) for c in choices])
+            raise CxrlabError(f"config key {key!r}: {value!r} is not one of {', '.join(map(str, choices))}"
+                              + (f"; did you mean {hint_name!r}?" if hint_name else ""))
+        return value
     target = origin or hint
     if target is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)

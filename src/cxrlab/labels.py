@@ -139,3 +139,17 @@ def parse_labels(spec: str | Sequence[str]) -> LabelSpace:
     if isinstance(spec, str):
         return label_space(spec)
     return LabelSpace("custom", tuple(spec))
+
+
+def label_cooccurrence(targets, mask=None):
+    """L×L matrix of P(label j | label i) over images where both are known; NaN rows for labels never
+    positive. A label statistic used by losses (LCL), reports and plots alike."""
+    import numpy as np
+
+    t = np.asarray(targets, dtype=np.float64)
+    known = np.ones(t.shape, dtype=bool) if mask is None else np.asarray(mask) > 0
+    pos = ((t > 0.5) & known).astype(np.float64)
+    both = pos.T @ pos
+    given = pos.T @ known.astype(np.float64)  # images with i positive and j known
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(given > 0, both / np.where(given > 0, given, 1.0), np.nan)

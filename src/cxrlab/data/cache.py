@@ -16,7 +16,6 @@ resumes where it stopped. A hidden ``.<out>.lock`` file beside the cache seriali
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import json
@@ -426,34 +425,3 @@ def _read_index(path: Path, labels: LabelSpace) -> pd.DataFrame:
                            keep_default_na=False, na_values={n: [""] for n in labels.names})
     except (OSError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise CxrlabError(f"cannot read cache index {path}: {type(exc).__name__}: {exc}") from None
-
-# ------------------------------------------------------------------------------------------ CLI
-
-def add_prepare_command(subparsers) -> argparse.ArgumentParser:
-    """``cxrlab prepare SOURCE --size N --out DIR [--mode pad|crop] [--workers W] [--on-error skip|fail]
-    [--views ...]``."""
-    p = subparsers.add_parser("prepare", help="decode a source once into a fixed-size uint8 cache for training")
-    p.add_argument("source", help="KIND:LOCATION, e.g. nih:/data/ChestX-ray14 or synthetic:3000")
-    p.add_argument("--size", type=int, required=True, help="side of the square cached images, in pixels")
-    p.add_argument("--out", type=Path, required=True, help="cache folder to create")
-    p.add_argument("--mode", choices=MODES, default="pad",
-                   help="pad: keep the whole image, black borders (default); crop: centre crop")
-    p.add_argument("--workers", type=int, default=None, help="decoding processes (default: one per usable CPU)")
-    p.add_argument("--on-error", choices=ON_ERROR, default="skip",
-                   help="skip: list unreadable images in failed.csv and go on (default); fail: stop")
-    p.add_argument("--views", default=None, help="keep these views only, e.g. frontal or PA,AP")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_prepare_command)
-    return p
-
-
-def _prepare_command(args) -> int:
-    from .sources import parse_source
-
-    records = parse_source(args.source, views=args.views)
-    info = prepare(records, args.out, args.size, mode=args.mode, workers=args.workers, on_error=args.on_error,
-                   progress=not args.quiet)
-    state = "reused existing cache" if info.reused else "wrote"
-    print(f"{state} {args.out}: {info.n} images of {info.size}×{info.size} ({info.mode}), "
-          f"{info.n_failed} failed, labels {info.labels.name}")
-    return 0

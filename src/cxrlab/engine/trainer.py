@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import Recipe
-from ..errors import CxrlabError
-from . import checkpoint as ckpt
+from ..errors import CxrlabError, unknown
+from .. import checkpoint as ckpt
 from . import distributed as dist
 from .distributed import make_loader  # noqa: F401  (re-exported: callers build loaders from here)
 from .optim import build_optimizer, build_scheduler
@@ -104,6 +104,8 @@ class Trainer:
             from timm.utils import ModelEmaV3
 
             self.ema = ModelEmaV3(self.model, decay=t.ema)
+        if t.compile:  # in place (nn.Module.compile): parameter names and checkpoints stay as they are
+            self.model.compile(**compile_args(t.compile))
         self.step = 0
         self.epoch = 0
         self.history: list[dict] = []
@@ -260,7 +262,7 @@ class Trainer:
 
     def validate(self, loader) -> dict:
         """Masked BCE and macro AUC of the evaluated weights on ``loader`` (every sample once)."""
-        from ..evaluation.metrics import macro_auc
+        from ..metrics import macro_auc
 
         logits, target, mask = self._outputs(loader)
         loss = F.binary_cross_entropy_with_logits(logits.double(), target.double(), reduction="none")
@@ -365,6 +367,9 @@ class Trainer:
                     "ema": self.ema is not None,
                     "trainer": {**self.best, "history": self.history},
                     "torch": torch.__version__}
+            text = getattr(getattr(self.model, "head", None), "text_identity", None)
+            if text is not None:  # prototype head: the text encoder behind its stored label vectors
+                info["label_text"] = text
             ckpt.save_checkpoint(self.out_dir / "last", weights, state, structure, info,
                                  also=self.out_dir / "best" if improved else None)
         dist.barrier()
@@ -373,6 +378,7 @@ class Trainer:
         """Put the trainer back exactly where the checkpoint left it (weights, optimiser, schedule,
         EMA, grad scaler, RNG states, selection state and history)."""
         info = ckpt.read_info(folder)
+        _check_same_backbones(info, self.recipe, folder)
         weights = ckpt.read_tensors(folder, ckpt.MODEL_FILE, info)
         state, meta = ckpt.read_tensors(folder, ckpt.STATE_FILE, info, with_metadata=True)
         for prefix, module in (("model", self.model), ("regime", self.regime.modules),
@@ -413,6 +419,41 @@ class Trainer:
 
 
 # ---------------------------------------------------------------------------------------- module helpers
+
+def _check_same_backbones(info: dict, recipe: Recipe, folder: Path) -> None:
+    """Resuming needs the checkpoint's backbones (names, output strides, order): say so by field."""
+    from ..models import describe_backbones
+
+    saved_model = (info.get("recipe") or {}).get("model")
+    if saved_model is None:
+        return
+    saved, wanted = describe_backbones(saved_model), describe_backbones(recipe.model)
+    if saved != wanted:
+        def show(specs):
+            return [name if stride is None else f"{name} (output_stride {stride})" for name, stride in specs]
+
+        raise CxrlabError(f"{folder}: the checkpoint's model.backbones is {show(saved)} but this recipe's is "
+                          f"{show(wanted)}; resume with the checkpoint's recipe or start a new run")
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_args(value: bool | str) -> dict:
+    """``train.compile`` as torch.compile arguments: true → inductor's default; a mode name → that
+    mode; another name → that backend (``torch._dynamo.list_backends``), e.g. ``eager`` to check
+    graph capture without code generation."""
+    if value is True:
+        return {}
+    if value in COMPILE_MODES:
+        return {"mode": value}
+    import torch._dynamo
+
+    backends = torch._dynamo.list_backends(exclude_tags=())
+    if value not in backends:
+        raise unknown("train.compile mode or backend", str(value), [*COMPILE_MODES, *backends])
+    return {"backend": value}
+
 
 def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     amp = str(amp).lower()

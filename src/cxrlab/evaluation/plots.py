@@ -8,7 +8,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .metrics import check_inputs, label_cooccurrence, roc_points
+from ..labels import label_cooccurrence
+from ..metrics.multilabel import check_inputs, roc_points
 
 MAX_CURVE_POINTS = 2000  # a 100k-image ROC curve drawn at 2000 points looks the same and saves fast
 

@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 
 from . import plots
-from .metrics import to_jsonable
+from ..serialization import to_jsonable
 
 HEADLINE = (("macro_auc", "macro AUC"), ("micro_auc", "micro AUC"), ("map", "mAP"),
             ("macro_f1", "macro F1"), ("micro_f1", "micro F1"),

@@ -1,45 +1,70 @@
-"""Use a trained checkpoint: probabilities and thresholded labels for image files, or a scored
-evaluation on a labelled source."""
+"""Probabilities from a trained model for images in memory or on disk.
+
+``Predictor`` wraps any model that returns an ``Output`` (one built in your own loop, or one loaded from
+a checkpoint) with what inference must know of training: the label names, per-label thresholds and how
+the training cache fitted images to the input size.
+"""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
+from torch import nn
 
 from ..errors import CxrlabError
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom"}
+
+@dataclass
+class Predictions:
+    """``probabilities`` N×L, ``positive`` N×L booleans at ``thresholds``, for ``label_names``."""
+
+    label_names: list[str]
+    probabilities: np.ndarray
+    thresholds: np.ndarray
+
+    @property
+    def positive(self) -> np.ndarray:
+        return self.probabilities >= self.thresholds[None, :]
 
 
 class Predictor:
-    """A checkpoint ready for inference: ``predict(images) -> probabilities`` (N×L numpy).
+    """``predict(images) -> probabilities`` (N×L numpy) for a model in eval mode.
 
-    ``images`` are float arrays in [0,1] of any size; they are fitted to the training size the same
-    way the prepared cache fitted the training images.
+    ``images`` are float arrays in [0, 1] (or uint8) of any size; they are fitted to ``image_size``
+    the way the prepared cache fitted the training images (``resize`` pad or crop).
     """
 
-    def __init__(self, checkpoint: Path, device: str | None = None):
-        from ..engine.checkpoint import load_model
-
-        self.model, self.info = load_model(Path(checkpoint))
+    def __init__(self, model: nn.Module, label_names, thresholds=None, image_size: int = 224,
+                 resize: str = "pad", device: str | None = None, info: dict | None = None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model.to(self.device).eval()
-        recipe = self.info["recipe"]
-        self.image_size = int(recipe["data"]["image_size"])
-        self.resize = recipe["data"].get("resize", "pad")  # fit images as the training cache did
-        self.label_names = list(self.info["labels"])
-        thresholds = self.info.get("thresholds")
-        self.thresholds = np.asarray(thresholds if thresholds is not None else [0.5] * len(self.label_names))
+        self.model = model.to(self.device).eval()
+        self.label_names = list(label_names)
+        self.thresholds = np.asarray(thresholds if thresholds is not None else [0.5] * len(self.label_names),
+                                     dtype=np.float64)
+        if self.thresholds.shape != (len(self.label_names),):
+            raise CxrlabError(f"{len(self.label_names)} labels but {self.thresholds.size} thresholds")
+        self.image_size = int(image_size)
+        self.resize = resize
+        self.info = info or {}
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Path, device: str | None = None) -> "Predictor":
+        """The model of a checkpoint folder (or a run folder: its best checkpoint) with its thresholds."""
+        from ..checkpoint import load_model
+
+        model, info = load_model(Path(checkpoint))
+        data = info["recipe"]["data"]
+        return cls(model, info["labels"], info.get("thresholds"), image_size=int(data["image_size"]),
+                   resize=data.get("resize", "pad"), device=device, info=info)
 
     def fit_size(self, image: np.ndarray) -> np.ndarray:
         from ..data.cache import fit_image
 
         return fit_image(image, self.image_size, self.resize)
 
-    @torch.no_grad()
     def predict(self, images: list[np.ndarray], batch_size: int = 32) -> np.ndarray:
         """Probabilities for in-memory images (float [0, 1] or uint8, any size)."""
         return self._predict_batches(
@@ -53,7 +78,6 @@ class Predictor:
         paths = list(paths)
         return self.predict_read(lambda i: read_image(paths[i]), len(paths), batch_size, workers)
 
-    @torch.no_grad()
     def predict_read(self, read, n: int, batch_size: int = 32, workers: int | None = None) -> np.ndarray:
         """Probabilities for images ``read(0) .. read(n-1)``, decoded and resized in ``workers`` processes
         batch by batch: memory holds one batch of full-size images at a time, however many there are."""
@@ -64,10 +88,15 @@ class Predictor:
                             num_workers=workers if n > batch_size else 0)
         return self._predict_batches(batch.numpy() for batch in loader)
 
+    def predict_cached(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+        """Probabilities for images already at the input size (uint8 N×S×S, e.g. rows of a prepared cache)."""
+        return self._predict_batches(images[start:start + batch_size] for start in range(0, len(images), batch_size))
+
+    @torch.no_grad()
     def _predict_batches(self, batches) -> np.ndarray:
         out = []
         for chunk in batches:
-            x = torch.from_numpy(chunk).float().div_(255.0).unsqueeze(1).to(self.device)
+            x = torch.as_tensor(np.asarray(chunk)).float().div_(255.0).unsqueeze(1).to(self.device)
             out.append(torch.sigmoid(self.model(x).logits.float()).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, len(self.label_names)), dtype=np.float32)
 
@@ -85,67 +114,3 @@ class _Fitted(torch.utils.data.Dataset):
         from ..data.cache import fit_image
 
         return fit_image(self.read(i), self.size, self.mode)
-
-
-def collect_images(inputs: list[Path]) -> list[Path]:
-    files: list[Path] = []
-    for item in inputs:
-        item = Path(item)
-        if item.is_dir():
-            files += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        elif item.is_file():
-            files.append(item)
-        else:
-            raise CxrlabError(f"input not found: {item}")
-    if not files:
-        raise CxrlabError(f"no images (png, jpg, dcm) found in {', '.join(map(str, inputs))}")
-    return files
-
-
-def predict_files(checkpoint: Path, inputs: list[Path], out_csv: Path, batch_size: int = 32) -> pd.DataFrame:
-    """Write a CSV: path, one probability column per label, and ``<label>_positive`` at the
-    checkpoint's thresholds (fitted on validation data when it was trained)."""
-    predictor = Predictor(checkpoint)
-    files = collect_images(inputs)
-    probs = predictor.predict_files(files, batch_size=batch_size)
-    table = pd.DataFrame(probs, columns=predictor.label_names)
-    positive = pd.DataFrame((probs >= predictor.thresholds).astype(int),
-                            columns=[f"{n}_positive" for n in predictor.label_names])
-    table = pd.concat([pd.DataFrame({"path": [str(f) for f in files]}), table, positive], axis=1)
-    out_csv = Path(out_csv)
-    out_csv.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out_csv, index=False, float_format="%.6f")
-    return table
-
-
-def evaluate_checkpoint(checkpoint: Path, source: str, out_dir: Path, policy: str | None = None,
-                        split: str = "all") -> Path:
-    """Score a checkpoint on a labelled source (at the checkpoint's thresholds) and write a report."""
-    from ..data.policies import apply_policy
-    from ..data.sources import parse_source
-    from ..evaluation.metrics import multilabel_report
-    from ..evaluation.report import write_report
-    from ..labels import LabelSpace
-
-    predictor = Predictor(checkpoint)
-    records = parse_source(source)
-    if split != "all":
-        if "split" not in records.meta.columns:
-            raise CxrlabError(f"--split {split}: source {source!r} has no official split")
-        records = records.take(np.flatnonzero(records.meta["split"].to_numpy() == split))
-    # a "No Finding" label that single-positive training added is not scored when the source lacks it
-    scored = [n for n in predictor.label_names if n in records.labels.names or n != "No Finding"]
-    missing = [n for n in scored if n not in records.labels.names]
-    if missing:
-        raise CxrlabError(f"the checkpoint predicts {missing}, which source {source!r} does not label")
-    columns = [records.labels.index(n) for n in scored]
-    outputs = [predictor.label_names.index(n) for n in scored]
-    labels = LabelSpace("checkpoint", tuple(scored))
-    result = apply_policy(records.values[:, columns], labels,
-                          policy or predictor.info["recipe"]["data"]["policy"].replace("spml", "u_zeros"))
-    rows = result.rows
-    probs = predictor.predict_read(lambda i: records.read(int(rows[i])), len(rows))[:, outputs]
-    metrics = multilabel_report(probs, result.target, result.mask, scored,
-                                thresholds=predictor.thresholds[outputs])
-    return write_report(Path(out_dir), metrics, probs, result.target, result.mask, scored,
-                        config=predictor.info["recipe"])

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..errors import CxrlabError
-from ..evaluation.metrics import label_cooccurrence
+from ..labels import label_cooccurrence
 from ..output import Output
 from ..registry import LOSSES
 
@@ -19,7 +19,7 @@ class LossContext:
 
     ``pos_count``/``neg_count`` count known positives/negatives per label; ``cooccurrence`` is
     P(label j positive | label i positive) over images where both are known
-    (:func:`cxrlab.evaluation.metrics.label_cooccurrence`; rows sum to anything, diagonal 1);
+    (:func:`cxrlab.labels.label_cooccurrence`; rows sum to anything, diagonal 1);
     ``expected_positives`` is the mean number of positives per image in the *full* labels when known
     (EPR/ROLE use it), else the observed mean.
     """
@@ -64,6 +64,39 @@ class LossTerm(nn.Module):
 
     def on_epoch_start(self, epoch: int) -> None:  # noqa: B027 - optional hook
         pass
+
+
+def target_and_mask(batch: dict, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's ``target`` and ``mask`` (all ones when the batch has none) in ``like``'s dtype and device:
+    the one place every loss term reads labels from."""
+    target = batch["target"].to(device=like.device, dtype=like.dtype)
+    mask = batch["mask"].to(device=like.device, dtype=like.dtype) if "mask" in batch else torch.ones_like(target)
+    return target, mask
+
+
+def float_logits(output: Output) -> torch.Tensor:
+    """The logits in at least fp32: under autocast losses are summed in fp32."""
+    logits = output.logits
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+
+
+class LabelLoss(LossTerm):
+    """A term that needs nothing but logits, targets and the mask. Call it from a recipe's objective as
+    ``term(output, batch)`` or from your own loop as ``term(logits, target, mask=None)``;
+    subclasses implement ``loss(logits, target, mask)`` (fp32 logits, mask 1 = known)."""
+
+    def forward(self, output, batch, mask=None) -> torch.Tensor:
+        if isinstance(output, Output):
+            logits = float_logits(output)
+            target, mask = target_and_mask(batch, logits)
+        else:
+            logits = output.float() if output.dtype in (torch.float16, torch.bfloat16) else output
+            target = torch.as_tensor(batch).to(device=logits.device, dtype=logits.dtype)
+            mask = torch.ones_like(target) if mask is None else torch.as_tensor(mask).to(target)
+        return self.loss(logits, target, mask)
+
+    def loss(self, logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -12,31 +12,20 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import CxrlabError
-from ..output import Output
 from ..registry import LOSSES
-from .base import LossContext, LossTerm, masked_mean
-
-
-def _parts(output: Output, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    logits = output.logits
-    if logits.dtype in (torch.float16, torch.bfloat16):  # autocast output: sum the loss in fp32
-        logits = logits.float()
-    target = batch["target"].to(logits.dtype)
-    mask = batch["mask"].to(logits.dtype) if "mask" in batch else torch.ones_like(target)
-    return logits, target, mask
+from .base import LabelLoss, LossContext, masked_mean
 
 
 @LOSSES.register("bce")
-class BCE(LossTerm):
+class BCE(LabelLoss):
     """Binary cross-entropy per label, averaged over known entries (the CheXNet baseline)."""
 
-    def forward(self, output: Output, batch: dict) -> torch.Tensor:
-        logits, target, mask = _parts(output, batch)
+    def loss(self, logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return masked_mean(F.binary_cross_entropy_with_logits(logits, target, reduction="none"), mask)
 
 
 @LOSSES.register("weighted_bce")
-class WeightedBCE(LossTerm):
+class WeightedBCE(LabelLoss):
     """BCE with positives of label c weighted by ``neg_c / pos_c`` from the training split.
 
     Counters the rarity of findings (Wang et al., CVPR 2017, ChestX-ray8, use the same balancing).
@@ -55,15 +44,14 @@ class WeightedBCE(LossTerm):
         # Derived from the data each time the objective is built, so not part of the saved state.
         self.register_buffer("pos_weight", torch.tensor(weight, dtype=torch.float32), persistent=False)
 
-    def forward(self, output: Output, batch: dict) -> torch.Tensor:
-        logits, target, mask = _parts(output, batch)
+    def loss(self, logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         loss = F.binary_cross_entropy_with_logits(logits, target, reduction="none",
                                                   pos_weight=self.pos_weight.to(logits.dtype))
         return masked_mean(loss, mask)
 
 
 @LOSSES.register("focal")
-class Focal(LossTerm):
+class Focal(LabelLoss):
     """Focal loss (Lin et al., ICCV 2017, "Focal Loss for Dense Object Detection"):
     ``−[α y (1−p)^γ log p + (1−α)(1−y) p^γ log(1−p)]``; down-weights easy examples so the many
     easy negatives of multi-label X-rays do not swamp the rare positives. Defaults are the paper's
@@ -77,8 +65,7 @@ class Focal(LossTerm):
         self.gamma = float(gamma)
         self.alpha = float(alpha)
 
-    def forward(self, output: Output, batch: dict) -> torch.Tensor:
-        logits, target, mask = _parts(output, batch)
+    def loss(self, logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         log_p, log_q = F.logsigmoid(logits), F.logsigmoid(-logits)  # log p, log(1 − p)
         pos = self.alpha * target * torch.exp(self.gamma * log_q) * log_p
         neg = (1 - self.alpha) * (1 - target) * torch.exp(self.gamma * log_p) * log_q
@@ -86,7 +73,7 @@ class Focal(LossTerm):
 
 
 @LOSSES.register("asl")
-class ASL(LossTerm):
+class ASL(LabelLoss):
     """Asymmetric loss (Ridnik et al., ICCV 2021, "Asymmetric Loss For Multi-Label Classification").
 
     ``−[y (1−p)^{γ⁺} log p + (1−y) p_m^{γ⁻} log(1−p_m)]`` with the shifted probability
@@ -108,8 +95,7 @@ class ASL(LossTerm):
         self.margin = float(margin)
         self.focus_no_grad = bool(focus_no_grad)
 
-    def forward(self, output: Output, batch: dict) -> torch.Tensor:
-        logits, target, mask = _parts(output, batch)
+    def loss(self, logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         log_p = F.logsigmoid(logits)
         if self.margin > 0:
             # 1 − p_m = min(1 − p + m, 1) >= m, so its log is finite without clamping to an epsilon.

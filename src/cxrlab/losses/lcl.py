@@ -16,7 +16,7 @@ from torch import nn
 from ..errors import CxrlabError
 from ..output import Output
 from ..registry import LOSSES
-from .base import LossContext, LossTerm
+from .base import LossContext, LossTerm, target_and_mask
 
 _EPS = 1e-8
 
@@ -34,12 +34,6 @@ def _label_extras(output: Output, term: str) -> tuple[torch.Tensor, torch.Tensor
     if feats.dtype in (torch.float16, torch.bfloat16):  # autocast: compute the loss in fp32
         feats = feats.float()
     return feats, corr.to(feats.dtype)
-
-
-def _target_mask(batch: dict, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    target = batch["target"].to(like.dtype)
-    mask = batch["mask"].to(like.dtype) if "mask" in batch else torch.ones_like(target)
-    return target, mask
 
 
 def local_correlation(label_features: torch.Tensor) -> torch.Tensor:
@@ -93,7 +87,7 @@ class LCLConsistency(LossTerm):
 
     @staticmethod
     def _dice(s: torch.Tensor, batch: dict) -> torch.Tensor:
-        target, mask = _target_mask(batch, s)
+        target, mask = target_and_mask(batch, s)
         c = s.shape[1]
         pairs = mask[:, :, None] * mask[:, None, :] * (1 - torch.eye(c, dtype=s.dtype, device=s.device))
         y = target[:, :, None] * target[:, None, :]
@@ -145,7 +139,7 @@ class LCLSupCon(LossTerm):
                 raise CxrlabError(f"lcl_supcon: the label features have size {feats.shape[-1]} but in_dim is "
                                   f"{self.in_dim}; set the loss's in_dim to the head's dim")
             feats = self.projector(feats.to(self.projector[0].weight.dtype)).to(feats.dtype)
-        target, mask = _target_mask(batch, feats)
+        target, mask = target_and_mask(batch, feats)
         return supcon(feats, g.detach(), target * mask, self.temperature)
 
 

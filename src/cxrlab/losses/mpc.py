@@ -47,14 +47,13 @@ import torch.nn.functional as F
 from ..errors import CxrlabError
 from ..output import Output
 from ..registry import LOSSES
-from .base import LossContext, LossTerm, masked_mean
+from .base import LossContext, LossTerm, masked_mean, target_and_mask
 
 _REDUCTIONS = ("selected", "all")
 
 
 def _known(batch: dict, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    target = batch["target"].to(like.dtype)
-    mask = batch["mask"].to(like.dtype) if "mask" in batch else torch.ones_like(target)
+    target, mask = target_and_mask(batch, like)
     return target, mask > 0.5
 
 

@@ -35,7 +35,7 @@ from torch import nn
 from ..errors import CxrlabError
 from ..output import Output
 from ..registry import LOSSES
-from .base import LossContext, LossTerm
+from .base import LossContext, LossTerm, float_logits, target_and_mask
 
 
 def _logit(p: float) -> float:
@@ -44,11 +44,8 @@ def _logit(p: float) -> float:
 
 def _spml_parts(output: Output, batch: dict):
     """Float logits and the boolean masks: observed positive, known negative, unknown."""
-    logits = output.logits
-    if logits.dtype != torch.float32 and logits.dtype != torch.float64:  # autocast: losses in fp32
-        logits = logits.float()
-    target = batch["target"].to(logits.dtype)
-    mask = batch["mask"].to(logits.dtype) if "mask" in batch else torch.ones_like(target)
+    logits = float_logits(output)
+    target, mask = target_and_mask(batch, logits)
     known = mask > 0.5
     pos = known & (target > 0.5)
     return logits, pos, known & ~pos, ~known

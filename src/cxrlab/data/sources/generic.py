@@ -84,7 +84,7 @@ def load_folder(location, views=None, labels=None) -> Records:
     root = abspath(location)
     if not root.is_dir():
         raise CxrlabError(f"folder: not a folder: {root}")
-    files = sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files = [str(p) for p in find_images(root)]
     if not files:
         raise CxrlabError(f"folder: no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
     space = labels if isinstance(labels, LabelSpace) else (
@@ -92,3 +92,23 @@ def load_folder(location, views=None, labels=None) -> Records:
     stems = [Path(f).stem for f in files]
     values = np.full((len(files), len(space)), np.nan, dtype=np.float32)
     return finish("folder", space, values, make_meta(files, stems, stems, None), views, root)
+
+
+def find_images(root: Path) -> list[Path]:
+    """Every image file under ``root`` (recursively, by suffix), sorted: the one folder walker."""
+    return sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def collect_images(inputs) -> list[Path]:
+    """Image files named directly or found under folders, in the order given (folders sorted)."""
+    files: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            files += find_images(item)
+        elif item.is_file():
+            files.append(item)
+        else:
+            raise CxrlabError(f"input not found: {item}")
+    if not files:
+        raise CxrlabError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {', '.join(map(str, inputs))}")
+    return files

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import unknown
-from .metrics import check_inputs, descending_counts
+from .multilabel import check_inputs, descending_counts
 
 METHODS = ("f1", "youden")
 

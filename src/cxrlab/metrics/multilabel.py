@@ -1,4 +1,4 @@
-"""Multi-label metrics, bootstrap CIs and aggregation over folds/seeds.
+"""Multi-label metrics and bootstrap CIs (the functional core of :mod:`cxrlab.metrics`).
 
 Conventions (specs/baselines.md): masked entries (mask 0) are excluded per label; a label without both
 classes among its known entries is *undefined*: its AUC/AP/F1 are NaN (``None`` in the report dict and
@@ -11,17 +11,16 @@ is a dot product of positive counts with cumulative negative counts. This matche
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
 from ..errors import CxrlabError
+from ..serialization import to_jsonable
 
-TOP_LEVEL = ("macro_auc", "micro_auc", "map", "macro_f1", "micro_f1", "macro_f1_at_0.5", "micro_f1_at_0.5")
+# the headline metrics every report and comparison shows, in this order
+HEADLINE_METRICS = ("macro_auc", "micro_auc", "map", "macro_f1", "micro_f1", "macro_f1_at_0.5", "micro_f1_at_0.5")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -338,147 +337,35 @@ def _row_nanmean(a: np.ndarray) -> np.ndarray:
         return np.where(finite.any(1), np.nansum(a, 1) / finite.sum(1), np.nan)
 
 
-def to_jsonable(obj):
-    """A copy fit for strict JSON: NaN/inf → None; numpy, torch, tuples, Paths, dataclasses → plain Python."""
-    if isinstance(obj, dict):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return to_jsonable(obj.tolist())
-    if hasattr(obj, "detach"):
-        return to_jsonable(obj.detach().cpu().tolist())
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, Path):
-        return str(obj)
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return to_jsonable(dataclasses.asdict(obj))
-    return obj
-
-
-def label_cooccurrence(targets, mask=None) -> np.ndarray:
-    """L×L matrix of P(label j | label i) over images where both are known; NaN rows for labels never positive."""
-    t = _as_array(targets, "targets")
-    known = np.ones(t.shape, dtype=bool) if mask is None else _as_array(mask, "mask") > 0
-    pos = ((t > 0.5) & known).astype(np.float64)
-    both = pos.T @ pos
-    given = pos.T @ known.astype(np.float64)  # images with i positive and j known
-    return _ratio(both, given)
-
-
 # ----------------------------------------------------------------------------------------------------
-# aggregation over folds / seeds and the recipe comparison
+# per-label functional forms (what a researcher's own loop calls; masked entries are left out)
 
 
-def _value(x) -> float:
-    return float("nan") if x is None or isinstance(x, bool) else float(x)
+def per_label_auc(probs, targets, mask=None) -> np.ndarray:
+    """ROC AUC of each label over its known entries (NaN where a label lacks a class)."""
+    p, t, known = check_inputs(probs, targets, mask)
+    return np.array([_AucPlan(p[known[:, j], j], t[known[:, j], j]).auc()[0] for j in range(p.shape[1])])
 
 
-def _is_metric(x) -> bool:
-    return x is None or (isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool))
+def per_label_ap(probs, targets, mask=None) -> np.ndarray:
+    """Average precision of each label over its known entries (NaN where a label lacks a class)."""
+    p, t, known = check_inputs(probs, targets, mask)
+    return np.array([average_precision(p[known[:, j], j], t[known[:, j], j]) for j in range(p.shape[1])])
 
 
-def _stats(values: list) -> dict:
-    """mean, sample std (ddof=1) and n over the finite values (NaN where undefined)."""
-    a = np.array([_value(v) for v in values])
-    a = a[np.isfinite(a)]
-    mean = float(a.mean()) if a.size else float("nan")
-    std = float(a.std(ddof=1)) if a.size > 1 else float("nan")
-    return {"mean": mean, "std": std, "n": int(a.size)}
+def per_label_f1(probs, targets, mask=None, thresholds=None) -> np.ndarray:
+    """F1 of each label at ``thresholds`` (default 0.5) over its known entries."""
+    p, t, known = check_inputs(probs, targets, mask)
+    return _f1(_confusion(p, t, known, _thresholds(thresholds, p.shape[1])))
 
 
-def aggregate(reports: list[dict]) -> dict:
-    """Mean ± std (ddof=1, NaN-aware) of every numeric top-level and per-label metric over fold/seed reports.
-
-    Returns ``{metric: {"mean", "std", "n"}, "per_label": {name: {metric: {...}, "n_defined": k}},
-    "n_reports": R}``; ``n`` counts the reports where the value was defined, so a label undefined in some
-    folds is averaged over the others and says so. Non-numeric entries (lists, dicts, strings) are skipped.
-    """
-    if not reports:
-        raise CxrlabError("aggregate needs at least one report")
-    out: dict = {}
-    keys = [k for k in dict.fromkeys(k for r in reports for k in r) if k != "per_label"]
-    for key in keys:
-        values = [r.get(key) for r in reports]
-        if all(_is_metric(v) for v in values) and (key in TOP_LEVEL or any(v is not None for v in values)):
-            out[key] = _stats(values)
-    per_label: dict = {}
-    names = list(dict.fromkeys(n for r in reports for n in r.get("per_label", {})))
-    for name in names:
-        rows = [r.get("per_label", {}).get(name, {}) for r in reports]
-        metrics = [k for k in dict.fromkeys(k for row in rows for k in row)
-                   if all(_is_metric(row.get(k)) for row in rows)]
-        per_label[name] = {k: _stats([row.get(k) for row in rows]) for k in metrics}
-        per_label[name]["n_defined"] = sum(_value(row.get("auc")) == _value(row.get("auc")) for row in rows)
-    out["per_label"] = per_label
-    out["n_reports"] = len(reports)
-    return out
-
-
-def _cell(stats: dict | None, best: bool = False) -> str:
-    if not stats or not math.isfinite(_value(stats.get("mean"))):
-        return "–"
-    text = f"{stats['mean']:.4f}"
-    text += f" ± {stats['std']:.4f}" if math.isfinite(_value(stats.get("std"))) else f" (n={stats['n']})"
-    return f"**{text}**" if best else text
-
-
-# shown in comparison.md when some recipe reports them: MPC's pseudo-label recovery of hidden positives,
-# and how a label-level head's G correlates with the training co-occurrence
-OPTIONAL_COLUMNS = ("pseudo_pos_precision", "pseudo_pos_recall", "g_vs_cooccurrence_r")
-
-
-def write_comparison(results: dict, out_dir,
-                     metrics: Sequence[str] = ("macro_auc", "map", "macro_f1", "macro_f1_at_0.5")):
-    """Write ``comparison.json`` (recipe → metric → {mean, std, n}) and a side-by-side ``comparison.md``.
-
-    ``results`` maps recipe name → ``aggregate(...)`` output. The JSON holds every aggregated top-level
-    metric plus per-label AUC under ``auc/<label>``; the Markdown shows ``metrics`` (best mean in bold)
-    and a per-label AUC table. Returns (md_path, json_path).
-    """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    table = {}
-    for recipe, agg in results.items():
-        row = {k: v for k, v in agg.items() if isinstance(v, dict) and "mean" in v}
-        for label, m in agg.get("per_label", {}).items():
-            if "auc" in m:
-                row[f"auc/{label}"] = m["auc"]
-        table[recipe] = {k: {"mean": v["mean"], "std": v["std"], "n": v["n"]} for k, v in row.items()}
-    json_path = out_dir / "comparison.json"
-    json_path.write_text(json.dumps(to_jsonable(table), indent=2, allow_nan=False) + "\n")
-    md_path = out_dir / "comparison.md"
-    extra = [m for m in OPTIONAL_COLUMNS if any(m in row for row in table.values())]
-    md_path.write_text(_comparison_markdown(results, table, list(metrics) + extra))
-    return md_path, json_path
-
-
-def _best(table: dict, key: str) -> str | None:
-    means = {r: _value(row.get(key, {}).get("mean")) for r, row in table.items()}
-    means = {r: v for r, v in means.items() if math.isfinite(v)}
-    return max(means, key=means.get) if len(means) > 1 else None
-
-
-def _comparison_markdown(results: dict, table: dict, metrics: list[str]) -> str:
-    runs = {r: agg.get("n_reports", "?") for r, agg in results.items()}
-    lines = ["# Recipe comparison", "", "mean ± sample std over folds/seeds; best mean in bold.", "",
-             "| recipe | runs | " + " | ".join(metrics) + " |", "|---|---:|" + "---:|" * len(metrics)]
-    best = {m: _best(table, m) for m in metrics}
-    for recipe, row in table.items():
-        cells = [_cell(row.get(m), best[m] == recipe) for m in metrics]
-        lines.append(f"| {recipe} | {runs[recipe]} | " + " | ".join(cells) + " |")
-    labels = list(dict.fromkeys(k[4:] for row in table.values() for k in row if k.startswith("auc/")))
-    if labels:
-        recipes = list(table)
-        lines += ["", "## Per-label AUC", "", "| label | " + " | ".join(recipes) + " |",
-                  "|---|" + "---:|" * len(recipes)]
-        for label in labels:
-            key = f"auc/{label}"
-            b = _best(table, key)
-            lines.append(f"| {label} | " + " | ".join(_cell(table[r].get(key), b == r) for r in recipes) + " |")
-    return "\n".join(lines) + "\n"
+def bootstrap_auc_ci(probs, targets, mask=None, resamples: int = 1000, ci: float = 0.95,
+                     seed: int = 0) -> tuple[list, np.ndarray]:
+    """(macro-AUC interval, L×2 per-label intervals) from image-level bootstrap resamples."""
+    p, t, known = check_inputs(probs, targets, mask)
+    plans = [_AucPlan(p[known[:, j], j], t[known[:, j], j], np.flatnonzero(known[:, j])) for j in range(p.shape[1])]
+    boot = bootstrap_aucs(plans, p.shape[0], int(resamples), seed)
+    defined = np.array([pl.defined for pl in plans])
+    per_label = np.array([[np.nan if v is None else v for v in _percentile_ci(boot[:, j], ci)]
+                          for j in range(p.shape[1])])
+    return _percentile_ci(_row_nanmean(boot[:, defined]), ci), per_label

@@ -6,13 +6,16 @@ from pathlib import Path
 
 from ..config import Recipe, load_recipe
 from ..errors import CxrlabError
-from .metrics import to_jsonable
+from ..serialization import to_jsonable
 
 
 def make_manifest(recipe: Recipe, data, repeats: int, folds: int, out_file: Path):
-    """The R×K patient-disjoint, multi-label-stratified manifest for ``data`` (written to ``out_file``)."""
+    """The R×K patient-disjoint, multi-label-stratified manifest for ``data`` (written to ``out_file``),
+    or the one named by ``data.folds_file`` (from ``cxrlab data split``), checked against the data."""
     from ..data.splits import repeated_kfold, write_manifest
 
+    if recipe.data.folds_file:
+        return load_folds_file(recipe.data.folds_file, data, out_file)
     manifest = repeated_kfold(data.index["path"].to_numpy(), data.index["patient_id"].to_numpy(),
                               data.strata(), folds=folds, repeats=repeats,
                               seed=recipe.data.seed)
@@ -20,11 +23,44 @@ def make_manifest(recipe: Recipe, data, repeats: int, folds: int, out_file: Path
     return manifest
 
 
+def load_folds_file(path, data, copy_to: Path | None = None):
+    """A fold manifest written by ``cxrlab data split``, checked: patient-disjoint folds, and every image
+    of ``data`` listed once per repeat under the patient the data gives it."""
+    import pandas as pd
+
+    from ..data.splits import read_manifest, write_manifest
+
+    path = Path(path)
+    if not path.is_file():
+        raise CxrlabError(f"data.folds_file: {path} not found (write one with `cxrlab data split ... --out`)")
+    manifest = read_manifest(path)
+    owner = pd.Series(data.index["patient_id"].astype(str).to_numpy(), index=data.index["path"].astype(str).to_numpy())
+    for repeat, part in manifest.groupby("repeat"):
+        listed = pd.Series(part["patient_id"].astype(str).to_numpy(), index=part["path"].astype(str).to_numpy())
+        missing = owner.index.difference(listed.index)
+        if len(missing):
+            raise CxrlabError(f"{path}: repeat {repeat} lacks {len(missing)} images of the data, e.g. {missing[0]!r}"
+                              " (was it written for another source or views?)")
+        wrong = listed.reindex(owner.index) != owner
+        if wrong.any():
+            image = owner.index[wrong.to_numpy()][0]
+            raise CxrlabError(f"{path}: image {image!r} has patient {listed[image]!r} but the data says "
+                              f"{owner[image]!r}")
+    if copy_to is not None:
+        write_manifest(manifest, copy_to)
+    return manifest
+
+
+def manifest_shape(manifest) -> tuple[int, int]:
+    """(repeats, folds) of a manifest."""
+    return int(manifest["repeat"].nunique()), int(manifest["fold"].nunique())
+
+
 def run_cv(recipe: Recipe, out_dir: Path, repeats: int, folds: int, data=None, manifest=None,
            progress: bool = True) -> dict:
     """One model per fold of R×K CV; writes ``summary.json`` / ``summary.md`` with mean ± std."""
-    from ..engine.experiment import check_parts, prepare_data
-    from .metrics import aggregate
+    from .experiment import check_parts, prepare_data
+    from ..evaluation.tables import aggregate
 
     check_parts(recipe)
     out_dir = Path(out_dir)
@@ -32,6 +68,7 @@ def run_cv(recipe: Recipe, out_dir: Path, repeats: int, folds: int, data=None, m
     data = data if data is not None else prepare_data(recipe, progress=progress)
     if manifest is None:
         manifest = make_manifest(recipe, data, repeats, folds, out_dir / "splits.csv")
+    repeats, folds = manifest_shape(manifest)
     reports = [_run_once(recipe, out_dir / f"r{repeat}f{k}", data=data, manifest=manifest, fold=(repeat, k),
                          progress=progress)
                for repeat in range(repeats) for k in range(folds)]
@@ -49,8 +86,8 @@ def compare(recipes: list[str], out_dir: Path, data: str | None = None, cv: tupl
     With ``cv = (R, K)`` every recipe uses the same R×K manifest (made once, from the first recipe's
     labels); with ``seeds = N`` every recipe trains N times (train.seed = 0..N-1) on the recipe split.
     """
-    from ..engine.experiment import check_parts, prepare_data
-    from .metrics import aggregate, write_comparison
+    from .experiment import check_parts, prepare_data
+    from ..evaluation.tables import aggregate, write_comparison
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -68,8 +105,9 @@ def compare(recipes: list[str], out_dir: Path, data: str | None = None, cv: tupl
     shared = prepare_data(first, progress=progress)
     results = {}
     manifest = None
-    if cv:
-        manifest = make_manifest(first, shared, cv[0], cv[1], out_dir / "splits.csv")
+    if cv or first.data.folds_file:
+        manifest = make_manifest(first, shared, *(cv or (1, 2)), out_dir / "splits.csv")
+        cv = manifest_shape(manifest)
     for name, recipe in loaded.items():
         data_for_recipe = shared if _same_labels(first, recipe) else prepare_data(recipe, progress=progress)
         if cv:
@@ -89,12 +127,12 @@ def compare(recipes: list[str], out_dir: Path, data: str | None = None, cv: tupl
 def _run_once(recipe: Recipe, run_dir: Path, **kwargs) -> dict:
     """The test metrics of one run; a run already finished in ``run_dir`` is read back, not repeated, so an
     interrupted cross-validation or comparison resumes where it stopped."""
-    from ..engine.experiment import run
+    from .experiment import run
 
     done = run_dir / "report" / "metrics.json"
     if done.is_file():
         return json.loads(done.read_text())
-    return run(recipe, run_dir, **kwargs)["metrics"]
+    return run(recipe, run_dir, **kwargs).metrics
 
 
 def _check_same_data(recipes: dict) -> None:
@@ -105,7 +143,7 @@ def _check_same_data(recipes: dict) -> None:
 
 
 def _same_labels(a: Recipe, b: Recipe) -> bool:
-    fields = ("labels", "policy", "policy_per_label", "spml_no_finding", "seed")
+    fields = ("labels", "policy", "policy_per_label", "spml_no_finding", "add_no_finding", "seed")
     return all(getattr(a.data, f) == getattr(b.data, f) for f in fields)
 
 

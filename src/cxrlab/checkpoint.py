@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import CxrlabError
+from .errors import CxrlabError
+from .serialization import to_jsonable
 
 FORMAT = "cxrlab-checkpoint"
 VERSION = 1
@@ -127,7 +128,7 @@ def _write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict)
 
 def _write_json(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(_finite(data), indent=1))
+    tmp.write_text(json.dumps(to_jsonable(data), indent=1, allow_nan=False))
     _fsync(tmp)
     os.replace(tmp, path)
 
@@ -240,15 +241,14 @@ def load_model(checkpoint: Path, ema: bool | None = None):
     ``ema`` None uses the EMA weights when the run kept them (they are what validation selected on).
     ``info`` is the checkpoint JSON: ``recipe``, ``labels``, ``thresholds``, ``metrics``, ...
     """
-    from ..models import build_model
+    from .models import build_from_config
 
     folder = find_checkpoint(checkpoint)
     info = read_info(folder)
     try:
         m = info["recipe"]["model"]
         labels = info["labels"]
-        model = build_model(m["backbone"], m["head"], len(labels), pretrained=False,
-                            drop_rate=m.get("drop_rate", 0.0), head_args=m.get("head_args") or {})
+        model = build_from_config(m, len(labels), load_weights=False)  # normalisation comes with the weights
     except KeyError as exc:
         raise CxrlabError(f"{folder / INFO_FILE} lacks {exc}") from None
     use_ema = info.get("ema", False) if ema is None else ema
@@ -327,19 +327,4 @@ def _decode(value):
         if set(value) == {"__float__"}:
             return float(value["__float__"])
         return {k: _decode(v) for k, v in value.items()}
-    return value
-
-
-def _finite(value):
-    """NaN/inf metrics as null, so checkpoint.json is standard JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    if isinstance(value, (np.floating, np.integer, np.bool_)):
-        return _finite(value.item())
-    if isinstance(value, Path):
-        return str(value)
     return value

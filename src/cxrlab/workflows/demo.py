@@ -9,7 +9,7 @@ import numpy as np
 
 def run_demo(out_dir: Path, overrides: list[str] = ()) -> dict:
     from ..config import load_recipe
-    from ..inference.predictor import predict_files
+    from .predict import predict_files
     from .experiment import prepare_data, run
 
     start = time.perf_counter()
@@ -22,13 +22,13 @@ def run_demo(out_dir: Path, overrides: list[str] = ()) -> dict:
     result = run(recipe, out_dir / "run", data=data)
     print("[3/4] predicting on a few images written as PNG files")
     samples = _write_samples(data, out_dir / "samples", n=4)
-    predictions = predict_files(result["checkpoint"], [samples], out_dir / "predictions.csv")
-    metrics = result["metrics"]
+    predictions = predict_files(result.checkpoint, [samples], out_dir / "predictions.csv")
+    metrics = result.metrics
     print("[4/4] test-set results (thresholds fitted on validation):\n")
     print(_auc_table(metrics))
     print(f"\npredictions for {len(predictions)} images: {out_dir / 'predictions.csv'}")
     print(f"finished in {time.perf_counter() - start:.0f} s")
-    print(f"report: {result['report']}")
+    print(f"report: {result.report}")
     return result
 
 

@@ -1,6 +1,5 @@
-"""``cxrlab data stats`` and ``cxrlab data split``: look at a source and freeze its CV folds.
-
-Both read label files only, so they run in seconds on 200k-row datasets.
+"""``cxrlab data stats``, ``cxrlab data split`` and ``cxrlab prepare``: look at a source, freeze its CV
+folds, build its image cache. Stats and split read label files only, so they run in seconds on 200k rows.
 """
 from __future__ import annotations
 
@@ -11,11 +10,11 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import unknown
-from .policies import POLICIES, PolicyResult, apply_policy
-from .records import Records
-from .sources import LABELLERS, parse_source
-
-COUNT_KEYS = ("positive", "negative", "uncertain", "unknown")
+from ..data.cache import MODES, ON_ERROR, prepare
+from ..data.policies import POLICIES, PolicyResult, apply_policy
+from ..data.records import Records
+from ..data.sources import LABELLERS, parse_source
+from ..data.statistics import data_stats, format_stats
 
 
 def add_data_commands(subparsers) -> None:
@@ -61,44 +60,6 @@ def load(args) -> tuple[Records, PolicyResult | None]:
     return records, apply_policy(records.values, records.labels, args.policy, seed=getattr(args, "seed", 0))
 
 
-def data_stats(records: Records, result: PolicyResult | None = None) -> dict:
-    """Counts of images, patients, views and, per label, positive/negative/uncertain/unknown: of the
-    raw values, or after a policy (nothing is uncertain any more; masked labels count as unknown)."""
-    if result is not None:
-        records = records.take(result.rows)
-    meta = records.meta
-    views = meta["view"].fillna("unknown").value_counts()
-    stats = {
-        "n_images": int(len(records)),
-        "n_patients": int(meta["patient_id"].nunique()),
-        "views": {str(k): int(v) for k, v in views.items()},
-        "labels": {},
-    }
-    names = records.labels.names if result is None else result.labels.names
-    for j, name in enumerate(names):
-        if result is None:
-            column = records.values[:, j]
-            counts = (column == 1, column == 0, column == -1, np.isnan(column))
-        else:
-            known, positive = result.mask[:, j] == 1, result.target[:, j] == 1
-            counts = (known & positive, known & ~positive, np.zeros(len(known), bool), ~known)
-        stats["labels"][name] = {key: int(np.sum(c)) for key, c in zip(COUNT_KEYS, counts)}
-    return stats
-
-
-def format_stats(stats: dict, source: str = "") -> str:
-    """Plain-text tables of ``data_stats``."""
-    lines = [f"source: {source}", f"images: {stats['n_images']:,}", f"patients: {stats['n_patients']:,}",
-             "views: " + ", ".join(f"{k} {v:,}" for k, v in stats["views"].items()), ""]
-    width = max([len("label")] + [len(n) for n in stats["labels"]])
-    lines.append(f"{'label':<{width}}  " + "  ".join(f"{k:>10}" for k in COUNT_KEYS) + "  prevalence")
-    for name, c in stats["labels"].items():
-        known = c["positive"] + c["negative"] + c["uncertain"]
-        prevalence = f"{100 * c['positive'] / known:9.2f}%" if known else "         -"
-        lines.append(f"{name:<{width}}  " + "  ".join(f"{c[k]:>10,}" for k in COUNT_KEYS) + f"  {prevalence}")
-    return "\n".join(lines)
-
-
 def _stats(args) -> int:
     stats = data_stats(*load(args))
     print(json.dumps(stats) if args.json else format_stats(stats, args.source))
@@ -106,7 +67,7 @@ def _stats(args) -> int:
 
 
 def _split(args) -> int:
-    from .splits import repeated_kfold, write_manifest
+    from ..data.splits import repeated_kfold, write_manifest
 
     records, result = load(args)
     if result is None:
@@ -119,4 +80,32 @@ def _split(args) -> int:
     print(f"wrote {args.out}: {args.repeats} × {args.folds} folds over {len(records):,} images of "
           f"{records.meta['patient_id'].nunique():,} patients (fold sizes in repeat 0: "
           f"{', '.join(str(int(s)) for s in sizes)})")
+    return 0
+
+
+def add_prepare_command(subparsers) -> argparse.ArgumentParser:
+    """``cxrlab prepare SOURCE --size N --out DIR [--mode pad|crop] [--workers W] [--on-error skip|fail]
+    [--views ...]``."""
+    p = subparsers.add_parser("prepare", help="decode a source once into a fixed-size uint8 cache for training")
+    p.add_argument("source", help="KIND:LOCATION, e.g. nih:/data/ChestX-ray14 or synthetic:3000")
+    p.add_argument("--size", type=int, required=True, help="side of the square cached images, in pixels")
+    p.add_argument("--out", type=Path, required=True, help="cache folder to create")
+    p.add_argument("--mode", choices=MODES, default="pad",
+                   help="pad: keep the whole image, black borders (default); crop: centre crop")
+    p.add_argument("--workers", type=int, default=None, help="decoding processes (default: CPUs, up to 8)")
+    p.add_argument("--on-error", choices=ON_ERROR, default="skip",
+                   help="skip: list unreadable images in failed.csv and go on (default); fail: stop")
+    p.add_argument("--views", default=None, help="keep these views only, e.g. frontal or PA,AP")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_prepare_command)
+    return p
+
+
+def _prepare_command(args) -> int:
+    records = parse_source(args.source, views=args.views)
+    info = prepare(records, args.out, args.size, mode=args.mode, workers=args.workers, on_error=args.on_error,
+                   progress=not args.quiet)
+    state = "reused existing cache" if info.reused else "wrote"
+    print(f"{state} {args.out}: {info.n} images of {info.size}×{info.size} ({info.mode}), "
+          f"{info.n_failed} failed, labels {info.labels.name}")
     return 0

@@ -6,7 +6,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .errors import CxrlabError
+from ..errors import CxrlabError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,13 +32,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .data.cache import add_prepare_command
-    from .data.commands import add_data_commands
+    from .data import add_data_commands, add_prepare_command
 
     parser = argparse.ArgumentParser(prog="cxrlab", description="Multi-label chest X-ray classification.")
     sub = parser.add_subparsers(dest="command")
     add_data_commands(sub)
     add_prepare_command(sub)
+    from .prototypes import add_prototypes_command
+
+    add_prototypes_command(sub)
 
     p = sub.add_parser("train", help="train one model from a recipe; writes checkpoints and a test report")
     _recipe_args(p)
@@ -48,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cv", help="R×K patient-disjoint cross-validation: one model per fold, mean ± std")
     _recipe_args(p)
     p.add_argument("--cv", default=None, help="RxK, e.g. 3x5 (default: the recipe's data.repeats x data.folds)")
+    p.add_argument("--folds-file", default=None, help="fold manifest from `cxrlab data split` (sets data.folds_file)")
     p.set_defaults(func=_cv)
 
     p = sub.add_parser("compare", help="run recipes on identical splits; side-by-side table")
@@ -58,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--seeds", type=int, default=None, help="N seeds on the recipes' split")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override applied to every recipe (repeatable)")
+    p.add_argument("--folds-file", default=None, help="fold manifest from `cxrlab data split`: every recipe "
+                   "runs on its folds (sets data.folds_file)")
     p.add_argument("--out", required=True, type=Path)
     p.set_defaults(func=_compare)
 
@@ -85,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_heatmap)
 
     p = sub.add_parser("list", help="registered parts")
-    p.add_argument("what", choices=["backbones", "heads", "losses", "regimes", "recipes"])
+    p.add_argument("what", choices=["backbones", "heads", "losses", "regimes", "recipes", "text-encoders"])
     p.add_argument("--filter", default=None, help="for backbones: a timm wildcard, e.g. 'densenet*'")
     p.set_defaults(func=_list)
 
@@ -103,21 +108,21 @@ def _recipe_args(p: argparse.ArgumentParser) -> None:
 
 
 def _train(args) -> int:
-    from .config import load_recipe
-    from .engine.experiment import run
+    from ..config import load_recipe
+    from ..workflows.experiment import run
 
     recipe = load_recipe(args.recipe, args.overrides)
     result = run(recipe, args.out, resume=args.resume)
     if _is_main():
-        print(f"report: {result['report']}")
+        print(f"report: {result.report}")
     return 0
 
 
 def _cv(args) -> int:
-    from .config import load_recipe
-    from .evaluation.cross_validation import run_cv
+    from ..config import load_recipe
+    from ..workflows.cross_validation import run_cv
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = load_recipe(args.recipe, args.overrides + _folds_file(args))
     repeats, folds = _parse_cv(args.cv) if args.cv else (recipe.data.repeats, recipe.data.folds)
     summary = run_cv(recipe, args.out, repeats=repeats, folds=folds)
     print(f"report: {summary['report']}")
@@ -125,16 +130,17 @@ def _cv(args) -> int:
 
 
 def _compare(args) -> int:
-    from .evaluation.cross_validation import compare
+    from ..workflows.cross_validation import compare
 
     cv = _parse_cv(args.cv) if args.cv else None
-    paths = compare(args.recipes, args.out, data=args.data, cv=cv, seeds=args.seeds, overrides=args.overrides)
+    paths = compare(args.recipes, args.out, data=args.data, cv=cv, seeds=args.seeds,
+                    overrides=args.overrides + _folds_file(args))
     print(f"comparison: {paths[0]}")
     return 0
 
 
 def _evaluate(args) -> int:
-    from .inference.predictor import evaluate_checkpoint
+    from ..workflows.evaluate import evaluate_checkpoint
 
     report = evaluate_checkpoint(args.checkpoint, args.data, args.out, policy=args.policy, split=args.split)
     print(f"report: {report}")
@@ -142,7 +148,7 @@ def _evaluate(args) -> int:
 
 
 def _predict(args) -> int:
-    from .inference.predictor import predict_files
+    from ..workflows.predict import predict_files
 
     table = predict_files(args.checkpoint, args.inputs, args.out, batch_size=args.batch_size)
     print(f"wrote {len(table)} predictions to {args.out}")
@@ -150,7 +156,7 @@ def _predict(args) -> int:
 
 
 def _heatmap(args) -> int:
-    from .inference.heatmaps import write_heatmaps
+    from ..inference.heatmaps import write_heatmaps
 
     labels = [n.strip() for n in args.labels.split(",")] if args.labels else None
     written = write_heatmaps(args.checkpoint, args.inputs, args.out, labels=labels, top=args.top)
@@ -159,31 +165,37 @@ def _heatmap(args) -> int:
 
 
 def _list(args) -> int:
-    from .config import list_recipes
-    from .registry import HEADS, LOSSES, REGIMES
+    from ..config import list_recipes
+    from ..registry import HEADS, LOSSES, REGIMES
 
     if args.what == "backbones":
         import timm
 
         names = timm.list_models(args.filter or "*")
     else:
+        from ..models.text import ENCODERS
+
         names = {"heads": HEADS.names, "losses": LOSSES.names, "regimes": REGIMES.names,
-                 "recipes": list_recipes}[args.what]()
+                 "recipes": list_recipes, "text-encoders": lambda: list(ENCODERS)}[args.what]()
     print("\n".join(names))
     return 0
 
 
 def _demo(args) -> int:
-    from .engine.demo import run_demo
+    from ..workflows.demo import run_demo
 
     run_demo(args.out, args.overrides)
     return 0
 
 
 def _is_main() -> bool:
-    from .engine.distributed import is_main
+    from ..engine.distributed import is_main
 
     return is_main()
+
+
+def _folds_file(args) -> list[str]:
+    return [f"data.folds_file={args.folds_file}"] if args.folds_file else []
 
 
 def _parse_cv(text: str) -> tuple[int, int]:

@@ -1,0 +1,122 @@
+"""Aggregation of fold/seed reports (mean ± std) and the side-by-side recipe comparison tables."""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import CxrlabError
+from ..metrics.multilabel import HEADLINE_METRICS
+from ..serialization import write_json
+
+
+
+def _value(x) -> float:
+    return float("nan") if x is None or isinstance(x, bool) else float(x)
+
+
+def _is_metric(x) -> bool:
+    return x is None or (isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool))
+
+
+def _stats(values: list) -> dict:
+    """mean, sample std (ddof=1) and n over the finite values (NaN where undefined)."""
+    a = np.array([_value(v) for v in values])
+    a = a[np.isfinite(a)]
+    mean = float(a.mean()) if a.size else float("nan")
+    std = float(a.std(ddof=1)) if a.size > 1 else float("nan")
+    return {"mean": mean, "std": std, "n": int(a.size)}
+
+
+def aggregate(reports: list[dict]) -> dict:
+    """Mean ± std (ddof=1, NaN-aware) of every numeric top-level and per-label metric over fold/seed reports.
+
+    Returns ``{metric: {"mean", "std", "n"}, "per_label": {name: {metric: {...}, "n_defined": k}},
+    "n_reports": R}``; ``n`` counts the reports where the value was defined, so a label undefined in some
+    folds is averaged over the others and says so. Non-numeric entries (lists, dicts, strings) are skipped.
+    """
+    if not reports:
+        raise CxrlabError("aggregate needs at least one report")
+    out: dict = {}
+    keys = [k for k in dict.fromkeys(k for r in reports for k in r) if k != "per_label"]
+    for key in keys:
+        values = [r.get(key) for r in reports]
+        if all(_is_metric(v) for v in values) and (key in HEADLINE_METRICS or any(v is not None for v in values)):
+            out[key] = _stats(values)
+    per_label: dict = {}
+    names = list(dict.fromkeys(n for r in reports for n in r.get("per_label", {})))
+    for name in names:
+        rows = [r.get("per_label", {}).get(name, {}) for r in reports]
+        metrics = [k for k in dict.fromkeys(k for row in rows for k in row)
+                   if all(_is_metric(row.get(k)) for row in rows)]
+        per_label[name] = {k: _stats([row.get(k) for row in rows]) for k in metrics}
+        per_label[name]["n_defined"] = sum(_value(row.get("auc")) == _value(row.get("auc")) for row in rows)
+    out["per_label"] = per_label
+    out["n_reports"] = len(reports)
+    return out
+
+
+def _cell(stats: dict | None, best: bool = False) -> str:
+    if not stats or not math.isfinite(_value(stats.get("mean"))):
+        return "–"
+    text = f"{stats['mean']:.4f}"
+    text += f" ± {stats['std']:.4f}" if math.isfinite(_value(stats.get("std"))) else f" (n={stats['n']})"
+    return f"**{text}**" if best else text
+
+
+# shown in comparison.md when some recipe reports them: MPC's pseudo-label recovery of hidden positives,
+# and how a label-level head's G correlates with the training co-occurrence
+OPTIONAL_COLUMNS = ("pseudo_pos_precision", "pseudo_pos_recall", "g_vs_cooccurrence_r")
+
+
+def write_comparison(results: dict, out_dir,
+                     metrics: Sequence[str] = ("macro_auc", "map", "macro_f1", "macro_f1_at_0.5")):
+    """Write ``comparison.json`` (recipe → metric → {mean, std, n}) and a side-by-side ``comparison.md``.
+
+    ``results`` maps recipe name → ``aggregate(...)`` output. The JSON holds every aggregated top-level
+    metric plus per-label AUC under ``auc/<label>``; the Markdown shows ``metrics`` (best mean in bold)
+    and a per-label AUC table. Returns (md_path, json_path).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = {}
+    for recipe, agg in results.items():
+        row = {k: v for k, v in agg.items() if isinstance(v, dict) and "mean" in v}
+        for label, m in agg.get("per_label", {}).items():
+            if "auc" in m:
+                row[f"auc/{label}"] = m["auc"]
+        table[recipe] = {k: {"mean": v["mean"], "std": v["std"], "n": v["n"]} for k, v in row.items()}
+    json_path = out_dir / "comparison.json"
+    write_json(json_path, table)
+    md_path = out_dir / "comparison.md"
+    extra = [m for m in OPTIONAL_COLUMNS if any(m in row for row in table.values())]
+    md_path.write_text(_comparison_markdown(results, table, list(metrics) + extra))
+    return md_path, json_path
+
+
+def _best(table: dict, key: str) -> str | None:
+    means = {r: _value(row.get(key, {}).get("mean")) for r, row in table.items()}
+    means = {r: v for r, v in means.items() if math.isfinite(v)}
+    return max(means, key=means.get) if len(means) > 1 else None
+
+
+def _comparison_markdown(results: dict, table: dict, metrics: list[str]) -> str:
+    runs = {r: agg.get("n_reports", "?") for r, agg in results.items()}
+    lines = ["# Recipe comparison", "", "mean ± sample std over folds/seeds; best mean in bold.", "",
+             "| recipe | runs | " + " | ".join(metrics) + " |", "|---|---:|" + "---:|" * len(metrics)]
+    best = {m: _best(table, m) for m in metrics}
+    for recipe, row in table.items():
+        cells = [_cell(row.get(m), best[m] == recipe) for m in metrics]
+        lines.append(f"| {recipe} | {runs[recipe]} | " + " | ".join(cells) + " |")
+    labels = list(dict.fromkeys(k[4:] for row in table.values() for k in row if k.startswith("auc/")))
+    if labels:
+        recipes = list(table)
+        lines += ["", "## Per-label AUC", "", "| label | " + " | ".join(recipes) + " |",
+                  "|---|" + "---:|" * len(recipes)]
+        for label in labels:
+            key = f"auc/{label}"
+            b = _best(table, key)
+            lines.append(f"| {label} | " + " | ".join(_cell(table[r].get(key), b == r) for r in recipes) + " |")
+    return "\n".join(lines) + "\n"

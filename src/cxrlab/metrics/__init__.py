@@ -1,0 +1,13 @@
+"""Functional multi-label metrics for your own loop: numpy in, numbers out, masked entries left out.
+
+Conventions: ``probs``, ``targets`` and ``mask`` are N×L (``mask`` 1 = known); a label without both
+classes among its known entries is undefined (NaN, ``None`` in reports) and macro averages skip it.
+Every function is checked against scikit-learn in the tests.
+"""
+from .multilabel import (HEADLINE_METRICS, average_precision, binary_auc, bootstrap_auc_ci, macro_auc,
+                         multilabel_report, per_label_ap, per_label_auc, per_label_f1, roc_points)
+from .thresholds import f1_threshold, fit_thresholds, youden_threshold
+
+__all__ = ["HEADLINE_METRICS", "average_precision", "binary_auc", "bootstrap_auc_ci", "f1_threshold",
+           "fit_thresholds", "macro_auc", "multilabel_report", "per_label_ap", "per_label_auc", "per_label_f1",
+           "roc_points", "youden_threshold"]

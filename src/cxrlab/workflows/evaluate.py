@@ -1,0 +1,83 @@
+"""``cxrlab evaluate``: score a checkpoint on a labelled source at its own thresholds, and write a report.
+
+The source is read as the model was trained (the recipe's views and MIMIC labeller). Labels are matched
+by name; where the vocabularies differ (a NIH model on CheXpert, or the reverse) the explicit mapping
+of :data:`cxrlab.labels.NIH_TO_CHEXPERT` pairs them, and the report says which labels were mapped
+and which could not be scored.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import CxrlabError
+from ..labels import NIH_TO_CHEXPERT, NO_FINDING
+
+
+def label_pairs(model_labels, source_labels) -> tuple[list[tuple[int, int, str]], dict, list[str]]:
+    """``(pairs, mapped, unscored)``: ``pairs`` are (model output, source column, report name).
+
+    Exact names first; else the NIH↔CheXpert mapping (NIH → CheXpert always; CheXpert → NIH only where
+    one NIH label maps there, since "Lung Lesion" is Mass or Nodule). A "No Finding" output that
+    single-positive training added is not scored against a source that lacks it.
+    """
+    source = list(source_labels)
+    reverse: dict[str, list[str]] = {}
+    for nih, chexpert in NIH_TO_CHEXPERT.items():
+        reverse.setdefault(chexpert, []).append(nih)
+    pairs, mapped, unscored = [], {}, []
+    for i, name in enumerate(model_labels):
+        if name in source:
+            pairs.append((i, source.index(name), name))
+            continue
+        target = NIH_TO_CHEXPERT.get(name)
+        if target is None and len(reverse.get(name, [])) == 1:
+            target = reverse[name][0]
+        if target is not None and target in source and target != name:
+            shown = f"{name} → {target}"
+            pairs.append((i, source.index(target), shown))
+            mapped[shown] = f"model label {name!r} scored against source label {target!r}"
+        elif name != NO_FINDING:
+            unscored.append(name)
+    return pairs, mapped, unscored
+
+
+def evaluate_checkpoint(checkpoint: Path, source: str, out_dir: Path, policy: str | None = None,
+                        split: str = "all") -> Path:
+    """Score a checkpoint on a labelled source (at the checkpoint's thresholds) and write a report."""
+    from ..data.policies import apply_policy
+    from ..data.sources import parse_source
+    from ..evaluation.report import write_report
+    from ..inference.predictor import Predictor
+    from ..labels import LabelSpace
+    from ..metrics import multilabel_report
+
+    predictor = Predictor.from_checkpoint(checkpoint)
+    data = predictor.info["recipe"]["data"]
+    records = parse_source(source, views=data.get("views"), labeller=data.get("labeller", "chexpert"))
+    if split != "all":
+        if "split" not in records.meta.columns:
+            raise CxrlabError(f"--split {split}: source {source!r} has no official split")
+        records = records.take(np.flatnonzero(records.meta["split"].to_numpy() == split))
+    pairs, mapped, unscored = label_pairs(predictor.label_names, records.labels.names)
+    if not pairs:
+        raise CxrlabError(f"none of the checkpoint's labels {predictor.label_names} is labelled by source "
+                          f"{source!r} (its labels: {list(records.labels.names)}), even through the "
+                          "NIH↔CheXpert mapping")
+    outputs = [o for o, _, _ in pairs]
+    names = [n for _, _, n in pairs]
+    labels = LabelSpace("checkpoint", tuple(names))
+    result = apply_policy(records.values[:, [c for _, c, _ in pairs]], labels,
+                          policy or data["policy"].replace("spml", "u_zeros"))
+    rows = result.rows
+    probs = predictor.predict_read(lambda i: records.read(int(rows[i])), len(rows))[:, outputs]
+    metrics = multilabel_report(probs, result.target, result.mask, names,
+                                thresholds=predictor.thresholds[outputs])
+    metrics["threshold_source"] = "the checkpoint's (fitted on its training run's validation part)"
+    if mapped:
+        metrics["label_mapping"] = mapped
+    if unscored:
+        metrics["unscored_labels"] = unscored
+    return write_report(Path(out_dir), metrics, probs, result.target, result.mask, names,
+                        config=predictor.info["recipe"])
