@@ -200,7 +200,16 @@ def test_dwml_bad_input():
         DWML(ctx([1], [1]))(Output(torch.zeros(1, 1)), {"target": torch.zeros(1, 1)})
 
 
-def test_prototype_head_and_dwml_learn_a_toy_task():
+@pytest.fixture
+def one_thread():
+    """Steps this small run faster on one thread (no waking of a second on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_prototype_head_and_dwml_learn_a_toy_task(one_thread):
     """Three labels, each a bright patch in its own place: AUC well above chance after a few steps."""
     rng = np.random.default_rng(0)
     n = 192
@@ -387,3 +396,89 @@ def test_text_encoder_bad_input(tmp_path, monkeypatch):
 def test_label_text_repr_is_what_encoders_read():
     t = LabelText("Pleural_Thickening", ("pleural scarring",), "thickened pleura.")
     assert t.text() == "Pleural Thickening: thickened pleura. Also called pleural scarring."
+
+
+# ------------------------------------------------------------------------------------------ pipeline
+
+def test_train_checkpoint_predict_and_prototypes_command(tmp_path, monkeypatch):
+    """Train through the CLI: the checkpoint carries the text vectors and the encoder's identity, and
+    prediction and `cxrlab prototypes` run without any text encoder."""
+    import json
+
+    import pandas as pd
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    import cxrlab.models.text as text
+    from cxrlab.cli import main
+
+    over = ["data.source=synthetic:96", "data.image_size=32", "train.epochs=1", "train.batch_size=32",
+            "eval.bootstrap=0", "data.val_fraction=0.25", "data.test_fraction=0.25", "model.backbone=test_resnet",
+            "model.head_args.dim=32", "model.head_args.hidden=32", f"data.cache_dir={tmp_path / 'cache'}"]
+    assert main(["train", "dwml_synthetic", "--out", str(tmp_path / "a"), *over]) == 0
+    info = json.loads((tmp_path / "a" / "best" / "checkpoint.json").read_text())
+    assert info["label_text"]["name"] == "hashed" and len(info["label_text"]["texts_sha256"]) == 64
+    assert len(list((tmp_path / "cache" / "text-embeddings").glob("hashed-*.npy"))) == 1
+    weights = load_file(str(tmp_path / "a" / "best" / "model.safetensors"))
+    cached, _ = encode_labels(label_texts(NIH14.names), "hashed", cache_dir=tmp_path / "cache")
+    assert torch.equal(weights["model.head.label_text"], torch.from_numpy(cached))  # the matrix itself
+
+    def no_encoder(*args, **kwargs):
+        raise AssertionError("a text encoder ran")
+
+    monkeypatch.setattr(text, "get_encoder", no_encoder)
+    Image.fromarray(np.full((40, 40), 90, np.uint8)).save(tmp_path / "one.png")
+    assert main(["predict", str(tmp_path / "a"), str(tmp_path / "one.png"), "--out", str(tmp_path / "p.csv")]) == 0
+    predicted = pd.read_csv(tmp_path / "p.csv")
+    assert len(predicted) == 1 and set(NIH14.names) <= set(predicted.columns)
+    assert main(["prototypes", str(tmp_path / "a"), "--out", str(tmp_path / "proto")]) == 0
+    learned = pd.read_csv(tmp_path / "proto" / "prototype_cosine.csv", index_col=0)
+    given = pd.read_csv(tmp_path / "proto" / "text_cosine.csv", index_col=0)
+    assert list(learned.columns) == list(NIH14.names) and learned.shape == given.shape == (14, 14)
+    np.testing.assert_allclose(np.diag(learned.to_numpy()), 1.0, atol=1e-3)
+    np.testing.assert_allclose(given.to_numpy(), cosine_matrix(cached), atol=1e-4)
+    assert (learned.abs().to_numpy() <= 1 + 1e-6).all() and (tmp_path / "proto" / "prototypes.png").is_file()
+    summary = json.loads((tmp_path / "proto" / "prototypes.json").read_text())
+    assert summary["text_encoder"]["name"] == "hashed"
+
+
+def test_two_runs_from_the_same_cache_are_bit_identical(tmp_path, monkeypatch, one_thread):
+    import cxrlab.models.text as text
+
+    texts = label_texts(NIH14.names[:C])
+    encode_labels(texts, "hashed", cache_dir=tmp_path)
+
+    def no_encoder(*args, **kwargs):
+        raise AssertionError("encoded again although cached")
+
+    monkeypatch.setattr(text.HashedEncoder, "encode", no_encoder)
+    x, y = torch.randn(32, D, 3, 3), (torch.rand(32, C) < 0.4).float()
+
+    def run() -> dict:
+        torch.manual_seed(0)
+        head = PrototypeHead(D, C, dim=8, hidden=16)
+        head.set_label_text(*encode_labels(texts, "hashed", cache_dir=tmp_path))
+        term = DWML(LossContext.from_targets(tuple(NIH14.names[:C]), y.numpy(), np.ones((32, C))), bce_weight=0.5)
+        opt = torch.optim.AdamW(head.parameters(), lr=1e-2)
+        for _ in range(5):
+            loss = term(head(x), {"target": y, "mask": torch.ones_like(y)})
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return head.state_dict()
+
+    a, b = run(), run()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_prototypes_command_refuses_other_heads(tmp_path, monkeypatch, capsys):
+    import cxrlab.checkpoint
+    from cxrlab.cli import main
+    from cxrlab.models import build_model
+
+    linear = build_model("test_resnet", "linear", 3)
+    monkeypatch.setattr(cxrlab.checkpoint, "load_model",
+                        lambda path, ema=None: (linear, {"labels": ["a", "b", "c"],
+                                                         "recipe": {"model": {"head": "linear"}}}))
+    assert main(["prototypes", str(tmp_path / "lin"), "--out", str(tmp_path / "p")]) == 2
+    assert "has head 'linear'" in capsys.readouterr().err
