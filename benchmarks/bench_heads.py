@@ -9,6 +9,9 @@ One training step = forward, objective, backward, AdamW step. Variants (all buil
   lcl (bce only)  / label_query (bce only): the heads alone, to split head cost from loss cost
   bilinear        bilinear head (1x1 reduction to 256, full 65,536-d pooling), loss {bce}
   bilinear compact  bilinear head with tensor-sketch compact pooling (8192-d), loss {bce}
+  with --can, two copies of the backbone (model.backbones):
+  concat x2       both maps pooled and concatenated, linear layer, loss {bce}   (CAN's capacity control)
+  CAN x2          cross_attention head (dim 512), loss {ml_balance, can_attention} (the CAN recipe's objective)
 
 Besides ms/step, each variant's memory of one training step: on CUDA the peak allocated during the
 step above what was allocated before it; on CPU the bytes of the tensors autograd saves for backward
@@ -32,6 +35,9 @@ from timing import add_timing_args, interleaved_ms_per_step
 
 NUM_LABELS = 14
 LCL_LOSS = {"bce": 1.0, "lcl_consistency": 0.1, "lcl_supcon": {"weight": 0.1, "in_dim": 512}}
+CAN_LOSS = {"ml_balance": 1.0, "can_attention": 1.0}
+TWO_BACKBONE_VARIANTS = [("concat x2", "concat", {"bce": 1.0}, {}),
+                         ("CAN x2", "cross_attention", CAN_LOSS, {"dim": 512})]
 
 
 def variants(split: bool) -> list[tuple[str, str, dict, dict]]:
@@ -97,6 +103,9 @@ def bench(backbone: str, size: int, batch: int, args, device: torch.device, outp
                 "mask": torch.ones(batch, NUM_LABELS, device=device)} for _ in range(4)]
     runs = {name: Step(backbone, head, loss, device, batches, head_args, output_stride)
             for name, head, loss, head_args in variants(not args.no_split)}
+    if args.can:
+        runs.update({name: Step([backbone, backbone], head, loss, device, batches, head_args, output_stride)
+                     for name, head, loss, head_args in TWO_BACKBONE_VARIANTS})
     times = interleaved_ms_per_step(runs, args.steps, args.repeats)
     memory = {name: step.memory_mib() for name, step in runs.items()}
     names = list(runs)
@@ -112,6 +121,10 @@ def bench(backbone: str, size: int, batch: int, args, device: torch.device, outp
             + sum(p.numel() for p in runs[name].objective.parameters())
         print(f"  {name:<24}{ms:>10.1f}{ms / base:>8.3f}{ms - base:>10.1f}{n_params / 1e6:>12.2f}M"
               f"{memory[name]:>11.1f}{memory[name] / memory['linear']:>8.3f}")
+    if args.can:
+        can = statistics.median(times["CAN x2"])
+        print(f"  CAN (two {backbone}) over one {backbone} + linear: {can / base:.2f}x step time "
+              f"(goal <= 2.1x), {memory['CAN x2'] / memory['linear']:.2f}x memory")
 
 
 def main() -> None:
@@ -120,6 +133,7 @@ def main() -> None:
     parser.add_argument("--configs", default="resnet18:64:32:8,resnet50:224:8",
                         help="comma-separated backbone:size:batch[:output_stride]")
     parser.add_argument("--no-split", action="store_true", help="skip the bce-only variants")
+    parser.add_argument("--can", action="store_true", help="add the two-backbone variants (concat, CAN)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
