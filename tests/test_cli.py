@@ -7,16 +7,7 @@ import pytest
 
 from cxrlab.cli import main
 
-TINY = ["data.source=synthetic:160", "data.image_size=32", "train.epochs=1", "train.batch_size=32",
-        "eval.bootstrap=20", "data.val_fraction=0.2", "data.test_fraction=0.25"]
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    overrides = TINY + [f"data.cache_dir={root / 'cache'}"]
-    assert main(["train", "demo", "--out", str(root / "run"), *overrides]) == 0
-    return root, overrides
+from conftest import TINY
 
 
 def test_train_writes_the_report(trained):

@@ -173,8 +173,21 @@ def test_epoch_stats_from_regime_are_logged(tmp_path):
     assert "seen_images" in open(tmp_path / "run" / "log.csv").readline()
 
 
-def test_bf16_autocast_on_cpu_runs(tmp_path):
-    _, result, _ = toy_run(tmp_path, toy_recipe(epochs=1, amp="bf16", channels_last=True), n_train=32, n_val=16)
+def test_bf16_autocast_on_cpu_runs_in_bf16(tmp_path):
+    class Recording(Supervised):
+        def __init__(self):
+            super().__init__(lambda x: x, lambda x: x)
+            self.dtypes = set()
+
+        def step(self, model, batch):
+            out = super().step(model, batch)
+            self.dtypes.add(out.logits.dtype)
+            return out
+
+    regime = Recording()
+    _, result, _ = toy_run(tmp_path, toy_recipe(epochs=1, amp="bf16", channels_last=True), n_train=32, n_val=16,
+                           regime=regime)
+    assert regime.dtypes == {torch.bfloat16}  # an autocast that fell back to fp32 would show float32 here
     assert np.isfinite(result["history"][0]["train_loss"])
 
 
