@@ -257,3 +257,28 @@ def test_the_layering_check_sees_a_violation():
     assert _imports("from ..workflows.experiment import run\n", ("data",)) == {"workflows"}
     assert _imports("from ...cli import main\n", ("data", "sources")) == {"cli"}
     assert _imports("import cxrlab.workflows.demo\nfrom .records import Records\n", ("data",)) == {"workflows", "data"}
+
+
+def test_linear_head_heatmap_is_the_class_activation_map():
+    """label_heatmaps of a linear head = relu(w_c · F + b_c), upsampled and scaled to [0, 1] per map."""
+    import torch
+    import torch.nn.functional as F
+
+    from cxrlab.inference.heatmaps import label_heatmaps
+    from cxrlab.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("resnet18", "linear", 3).eval()
+    x = torch.rand(2, 1, 64, 64)
+    probs, maps = label_heatmaps(model, x)
+    with torch.no_grad():
+        fmap = model.features(x)
+        cam = torch.relu(torch.einsum("ld,bdhw->blhw", model.head.fc.weight, fmap)
+                         + model.head.fc.bias[None, :, None, None])
+        cam = F.interpolate(cam, size=(64, 64), mode="bilinear", align_corners=False)
+        low, high = cam.amin(dim=(2, 3), keepdim=True), cam.amax(dim=(2, 3), keepdim=True)
+        expected = ((cam - low) / (high - low).clamp_min(1e-12)).numpy()
+        logits = model(x).logits
+    np.testing.assert_allclose(maps, expected, atol=1e-5)
+    np.testing.assert_allclose(probs, torch.sigmoid(logits).numpy(), atol=1e-6)
+    assert maps.shape == (2, 3, 64, 64) and not np.allclose(maps[:, 0], maps[:, 1])
