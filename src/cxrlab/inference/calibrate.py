@@ -1,0 +1,125 @@
+"""``cxrlab calibrate``: refit a checkpoint's per-label thresholds (and optionally a per-label
+temperature) on a labelled set of the site where it will be used, recording where they came from.
+
+A model moved to another hospital sees other scanners, protocols and prevalences; at the thresholds
+fitted on the training site's validation part it can flood users with false positives. Calibration
+writes a copy of the checkpoint whose ``checkpoint.json`` holds
+
+* ``thresholds``: refitted per label (F1 or Youden on the local set, as training fits them) for labels
+  the local set scores with both classes present; the others keep their old threshold;
+* ``temperature`` (with ``--temperature``): per label, ``T_c`` minimising the local binary cross-entropy
+  of ``sigmoid(logit / T_c)`` (temperature scaling, Guo et al., "On Calibration of Modern Neural
+  Networks", ICML 2017, here per label); thresholds are then fitted on the scaled probabilities.
+  The ONNX export and the server apply it;
+* ``threshold_source`` (one line) and ``calibration`` (source, split, n, date, method, labels refitted).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import CxrlabError
+
+
+def fit_temperature(logits: np.ndarray, targets: np.ndarray, iterations: int = 50) -> float:
+    """``T`` minimising mean BCE(sigmoid(z / T), y), by Newton's method on ``a = 1/T`` (the loss is
+    convex in ``a``); 1.0 when both classes are not present."""
+    z = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(targets, dtype=np.float64)
+    if z.size == 0 or y.min() == y.max():
+        return 1.0
+    a = 1.0
+    for _ in range(iterations):
+        p = 1.0 / (1.0 + np.exp(-a * z))
+        grad = np.mean((p - y) * z)
+        hess = np.mean(p * (1 - p) * z * z)
+        if hess <= 1e-12:
+            break
+        step = grad / hess
+        a_new = a - step
+        if a_new <= 0:  # keep the scale positive (a flipped sign would invert the model)
+            a_new = a / 2
+        if abs(a_new - a) < 1e-10 * max(1.0, a):
+            a = a_new
+            break
+        a = a_new
+    return float(1.0 / a)
+
+
+def calibrate(checkpoint, source: str, out, temperature: bool = False, method: str = "f1",
+              policy: str | None = None, split: str = "all") -> dict:
+    """Write a calibrated copy of ``checkpoint`` at ``out``; return its ``calibration`` record."""
+    from ..checkpoint import INFO_FILE, find_checkpoint, read_info
+    from ..data.policies import apply_policy
+    from ..data.sources import parse_source
+    from ..labels import LabelSpace
+    from ..metrics import fit_thresholds
+    from ..workflows.evaluate import label_pairs
+    from .predictor import Predictor
+
+    folder = find_checkpoint(Path(checkpoint))
+    out = Path(out)
+    if out.resolve() == folder.resolve():
+        raise CxrlabError(f"--out {out} is the checkpoint itself; calibration writes a copy")
+    if out.exists():
+        raise CxrlabError(f"--out {out} exists; choose a new folder for the calibrated checkpoint")
+    predictor = Predictor.from_checkpoint(folder)
+    info = predictor.info
+    data = info["recipe"]["data"]
+    records = parse_source(source, views=data.get("views"), labeller=data.get("labeller", "chexpert"))
+    if split != "all":
+        if "split" not in records.meta.columns:
+            raise CxrlabError(f"--split {split}: source {source!r} has no official split")
+        records = records.take(np.flatnonzero(records.meta["split"].to_numpy() == split))
+    pairs, _, _ = label_pairs(predictor.label_names, records.labels.names)
+    if not pairs:
+        raise CxrlabError(f"none of the checkpoint's labels {predictor.label_names} is labelled by source "
+                          f"{source!r} (its labels: {list(records.labels.names)})")
+    outputs = [o for o, _, _ in pairs]
+    names = [n for _, _, n in pairs]
+    result = apply_policy(records.values[:, [c for _, c, _ in pairs]], LabelSpace("checkpoint", tuple(names)),
+                          policy or data["policy"].replace("spml", "u_zeros"))
+    rows = result.rows
+    if len(rows) == 0:
+        raise CxrlabError(f"source {source!r} has no labelled images to calibrate on")
+    probs = predictor.predict_read(lambda i: records.read(int(rows[i])), len(rows))[:, outputs].astype(np.float64)
+    known = np.asarray(result.mask) > 0
+    target = np.asarray(result.target) > 0.5
+    # the predictor gives unscaled probabilities; a temperature already recorded is kept unless refitted
+    previous = info.get("temperature")
+    temperatures = np.ones(len(predictor.label_names)) if previous is None else np.asarray(previous, np.float64)
+    logits = np.log(np.clip(probs, 1e-12, 1)) - np.log(np.clip(1 - probs, 1e-12, 1))
+    if temperature:
+        for k, o in enumerate(outputs):
+            temperatures[o] = fit_temperature(logits[known[:, k], k], target[known[:, k], k])
+    if temperature or previous is not None:
+        probs = 1 / (1 + np.exp(-logits / temperatures[outputs]))
+    fitted = fit_thresholds(probs, result.target, result.mask, method=method)
+    thresholds = np.asarray(predictor.thresholds, dtype=np.float64).copy()
+    refitted, kept = [], []
+    for k, o in enumerate(outputs):
+        y = target[known[:, k], k]
+        if y.any() and not y.all():
+            thresholds[o] = fitted[k]
+            refitted.append(predictor.label_names[o])
+        else:
+            kept.append(predictor.label_names[o])
+    kept += [n for i, n in enumerate(predictor.label_names) if i not in outputs]
+    date = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    record = {"source": source, "split": split, "n": int(len(rows)), "date": date, "method": method,
+              "temperature": bool(temperature), "labels_refitted": refitted, "labels_kept": kept,
+              "previous_threshold_source": info.get("threshold_source"), "from_checkpoint": str(folder)}
+    shutil.copytree(folder, out)
+    info = read_info(out)
+    info["thresholds"] = [float(t) for t in thresholds]
+    info["threshold_source"] = (f"refitted per label ({method}{', after per-label temperature scaling' if temperature else ''}) "
+                                f"on {source} (split {split}, {len(rows)} images) by cxrlab calibrate, {date}")
+    if temperature or previous is not None:
+        info["temperature"] = [float(t) for t in temperatures]
+    info["calibration"] = record
+    (out / INFO_FILE).write_text(json.dumps(info, indent=1))
+    return record

@@ -1,0 +1,110 @@
+"""calibrate: temperature scaling recovers a known temperature, thresholds are refitted on the local set
+(equal to fit_thresholds on independently computed predictions), and the copy records their source."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from test_export import LABELS, tiny_checkpoint
+
+from cxrlab.errors import CxrlabError
+
+
+def test_fit_temperature_recovers_the_generating_one():
+    from cxrlab.inference.calibrate import fit_temperature
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 3, 40_000)
+    for true in (0.5, 1.0, 2.5):
+        y = rng.random(z.size) < 1 / (1 + np.exp(-z / true))
+        assert fit_temperature(z, y) == pytest.approx(true, rel=0.05)
+    assert fit_temperature(z[:10], np.ones(10)) == 1.0  # one class only: no information
+
+
+def test_fit_temperature_is_the_bce_minimum():
+    from cxrlab.inference.calibrate import fit_temperature
+
+    rng = np.random.default_rng(1)
+    z = rng.normal(0, 2, 500)
+    y = rng.random(500) < 1 / (1 + np.exp(-z / 1.7))
+
+    def bce(t):
+        p = np.clip(1 / (1 + np.exp(-z / t)), 1e-12, 1 - 1e-12)
+        return -np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))
+
+    best = fit_temperature(z, y)
+    grid = np.linspace(0.2, 20, 4000)
+    assert bce(best) <= min(bce(t) for t in grid) + 1e-9
+
+
+@pytest.mark.parametrize("temperature", [False, True])
+def test_calibrate_refits_and_records(tmp_path, temperature):
+    from cxrlab.checkpoint import read_info
+    from cxrlab.data.policies import apply_policy
+    from cxrlab.data.sources import parse_source
+    from cxrlab.inference.calibrate import calibrate
+    from cxrlab.inference.predictor import Predictor
+    from cxrlab.labels import LabelSpace
+    from cxrlab.metrics import fit_thresholds
+
+    ckpt = tiny_checkpoint(tmp_path / "ckpt", "linear", size=32, thresholds=(0.3, 0.5, 0.6))
+    before = (ckpt / "checkpoint.json").read_text()
+    source = "synthetic:96,size=32,seed=3"
+    record = calibrate(ckpt, source, tmp_path / "site", temperature=temperature)
+    assert (ckpt / "checkpoint.json").read_text() == before  # the original is untouched
+    assert record["n"] == 96 and record["source"] == source and record["date"].startswith("20")
+    info = read_info(tmp_path / "site")
+    assert source in info["threshold_source"] and "cxrlab calibrate" in info["threshold_source"]
+    assert info["calibration"] == record
+    # independently: predictions on the same images, the same threshold rule
+    records = parse_source(source)
+    cols = [records.labels.names.index(n) for n in LABELS]
+    result = apply_policy(records.values[:, cols], LabelSpace("t", LABELS), "full")
+    probs = Predictor.from_checkpoint(ckpt, device="cpu").predict_read(
+        lambda i: records.read(int(result.rows[i])), len(result.rows), workers=0).astype(np.float64)
+    if temperature:
+        t = np.asarray(info["temperature"])
+        assert t.shape == (3,) and (t > 0).all() and not np.allclose(t, 1.0)
+        logits = np.log(probs) - np.log1p(-probs)
+        probs = 1 / (1 + np.exp(-logits / t))
+    else:
+        assert "temperature" not in info
+    expected = fit_thresholds(probs, result.target, result.mask)
+    for j, name in enumerate(LABELS):
+        if name in record["labels_refitted"]:
+            assert info["thresholds"][j] == pytest.approx(expected[j], abs=1e-6)
+        else:
+            assert info["thresholds"][j] == [0.3, 0.5, 0.6][j]
+    assert record["labels_refitted"]  # the synthetic set has both classes for some label
+    assert Predictor.from_checkpoint(tmp_path / "site").thresholds.tolist() == info["thresholds"]
+
+
+def test_calibrate_refuses_bad_targets(tmp_path):
+    from cxrlab.inference.calibrate import calibrate
+
+    ckpt = tiny_checkpoint(tmp_path / "ckpt", size=32)
+    with pytest.raises(CxrlabError, match="is the checkpoint itself"):
+        calibrate(ckpt, "synthetic:10,size=32", tmp_path / "ckpt")
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(CxrlabError, match="exists"):
+        calibrate(ckpt, "synthetic:10,size=32", tmp_path / "taken")
+    with pytest.raises(CxrlabError, match="has no official split"):
+        calibrate(ckpt, "synthetic:10,size=32", tmp_path / "x", split="test")
+    assert not (tmp_path / "x").exists()
+
+
+def test_calibrated_export_and_server_use_the_temperature(tmp_path, shared_data):
+    from cxrlab.inference.calibrate import calibrate
+    from cxrlab.inference.export import export_onnx
+    from cxrlab.inference.onnx_predictor import OnnxPredictor
+    from cxrlab.inference.server import TorchBackend
+
+    ckpt = tiny_checkpoint(tmp_path / "ckpt", size=32)
+    calibrate(ckpt, "synthetic:64,size=32,seed=5", tmp_path / "site", temperature=True)
+    sidecar = export_onnx(tmp_path / "site", tmp_path / "site.onnx", check=[shared_data / "nih" / "00000001_000.png"])
+    info = json.loads((tmp_path / "site" / "checkpoint.json").read_text())
+    assert sidecar["temperature"] == info["temperature"] and sidecar["threshold_source"] == info["threshold_source"]
+    fitted = np.random.default_rng(0).integers(0, 255, (2, 32, 32)).astype(np.uint8)
+    np.testing.assert_allclose(OnnxPredictor(tmp_path / "site.onnx").predict_fitted(fitted),
+                               TorchBackend(tmp_path / "site", threads=1).predict(fitted), atol=1e-4)
