@@ -95,6 +95,16 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def affine_grid(theta: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """``F.affine_grid(theta, [B, 1, h, w], align_corners=False)`` as one matmul of a shared base grid
+    with the B×2×3 maps: the same grid (to float rounding) at 3-4× the speed on CPU, where the
+    generic op was the augmentation's largest cost (bench_vs_txv)."""
+    xs = torch.linspace(-1 + 1 / w, 1 - 1 / w, w, device=theta.device, dtype=theta.dtype)
+    ys = torch.linspace(-1 + 1 / h, 1 - 1 / h, h, device=theta.device, dtype=theta.dtype)
+    base = torch.stack([xs.expand(h, w), ys[:, None].expand(h, w), torch.ones_like(xs).expand(h, w)], -1)
+    return torch.matmul(base.view(1, h * w, 3), theta.transpose(1, 2)).view(-1, h, w, 2)
+
+
 def _identity(batch: torch.Tensor) -> torch.Tensor:
     return batch
 
@@ -130,7 +140,7 @@ class BatchAugment:
         if not (affine or elastic):
             return x
         b, _, h, w = x.shape
-        grid = F.affine_grid(self._theta(b, x.device), [b, 1, h, w], align_corners=False)
+        grid = affine_grid(self._theta(b, x.device), h, w)
         if elastic:
             grid = grid + self._displacement(b, h, w, x.device)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
