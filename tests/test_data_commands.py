@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -106,6 +107,16 @@ def test_split_command_writes_a_checked_manifest(tmp_path, capsys):
     manifest = read_manifest(out_file, parse_source(f"csv:{tmp_path / 'labels.csv'}"))
     assert len(manifest) == 80 and sorted(manifest["fold"].unique()) == [0, 1, 2, 3]
     assert manifest.groupby("repeat")["fold"].value_counts().eq(10).all()  # 5 patients × 2 images per fold
+    # it prints the balance it achieved, per repeat: the worst relative prevalence deviation of a fold
+    records = parse_source(f"csv:{tmp_path / 'labels.csv'}")
+    positives = records.values == 1
+    for repeat in (0, 1):
+        fold = manifest["fold"].to_numpy()[manifest["repeat"].to_numpy() == repeat]
+        worst = max((np.abs(positives[fold == k].mean(0) - positives.mean(0)) / positives.mean(0)).max()
+                    for k in range(4))
+        line = next(x for x in out.splitlines() if x.startswith(f"repeat {repeat}: "))
+        assert f"prevalence {100 * worst:.2f} %" in line and "2 labels with >= 1 positive images" in line
+        assert "of a fold's size 0.00 %" in line
 
 
 def test_nih_stats_after_spml(nih_dir, capsys):

@@ -67,7 +67,7 @@ def _stats(args) -> int:
 
 
 def _split(args) -> int:
-    from ..data.splits import repeated_kfold, write_manifest
+    from ..data.splits import fold_balance, repeated_kfold, write_manifest
 
     records, result = load(args)
     if result is None:
@@ -80,6 +80,13 @@ def _split(args) -> int:
     print(f"wrote {args.out}: {args.repeats} × {args.folds} folds over {len(records):,} images of "
           f"{records.meta['patient_id'].nunique():,} patients (fold sizes in repeat 0: "
           f"{', '.join(str(int(s)) for s in sizes)})")
+    for repeat in range(args.repeats):
+        fold = manifest["fold"].to_numpy()[manifest["repeat"].to_numpy() == repeat]
+        b = fold_balance(fold, strata, label_names=records.labels.names)
+        print(f"repeat {repeat}: worst fold deviation of a label's image prevalence "
+              f"{100 * b['worst_prevalence_deviation']:.2f} % ({b['worst_label']}; {b['labels_checked']} labels "
+              f"with >= {b['min_positives']:,} positive images), of a fold's size "
+              f"{100 * b['worst_size_deviation']:.2f} %")
     return 0
 
 
