@@ -120,6 +120,10 @@ class OnnxPredictor:
         x = np.ascontiguousarray(np.asarray(fitted, dtype=np.float32)[:, None] / np.float32(255.0))
         return dict(zip(self.output_names, self.session.run(self.output_names, {INPUT_NAME: x})))
 
+    def predict_cached(self, fitted: np.ndarray, batch_size: int = 32) -> np.ndarray:
+        """As ``Predictor.predict_cached``: probabilities for uint8 images at the input size."""
+        return self.predict_fitted(fitted, batch_size)
+
     def predict_fitted(self, fitted: np.ndarray, batch_size: int = 32) -> np.ndarray:
         out = [self.session.run(["probabilities"], {INPUT_NAME: np.ascontiguousarray(
             np.asarray(fitted[s:s + batch_size], dtype=np.float32)[:, None] / np.float32(255.0))})[0]
@@ -159,25 +163,60 @@ class OnnxPredictor:
         return out["probabilities"][0], maps[0]
 
 
-def predictions_table(files, probs: np.ndarray, label_names, thresholds):
-    """The ``cxrlab predict`` table: path, one probability column per label, ``<label>_positive``."""
+def predictions_table(files, probs: np.ndarray, errors: list[str], label_names, thresholds):
+    """The ``cxrlab predict`` table (as :mod:`cxrlab.workflows.predict` writes it): path, one probability
+    column per label, ``<label>_positive`` (blank for an unreadable image) and ``error``."""
     import pandas as pd
 
-    table = pd.DataFrame(probs, columns=list(label_names))
-    positive = pd.DataFrame((probs >= np.asarray(thresholds)).astype(int),
-                            columns=[f"{n}_positive" for n in label_names])
-    return pd.concat([pd.DataFrame({"path": [str(f) for f in files]}), table, positive], axis=1)
+    names = list(label_names)
+    read = np.array([e == "" for e in errors], dtype=bool)
+    table = pd.DataFrame(probs, columns=names)
+    positive = pd.DataFrame(probs >= np.asarray(thresholds), columns=[f"{n}_positive" for n in names]).astype("Int64")
+    positive.loc[~read] = pd.NA  # no decision for an image that was not read
+    return pd.concat([pd.DataFrame({"path": [str(f) for f in files]}), table, positive,
+                      pd.DataFrame({"error": errors})], axis=1)
 
 
-def predict_files(model_path, inputs, out_csv, batch_size: int = 32):
-    """``cxrlab predict model.onnx files...``: the same CSV as the checkpoint path, via ONNX Runtime."""
+def _read_tolerant(predictor: OnnxPredictor, path) -> tuple[np.ndarray, str]:
+    from ..data.images import read_image
+
+    size = predictor.image_size
+    try:
+        return predictor.fit_size(read_image(path)), ""
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is this image's, reported in its row
+        return np.zeros((size, size), np.uint8), f"{type(exc).__name__}: {exc}"
+
+
+def predict_files(model_path, inputs, out_csv, batch_size: int = 32, workers: int | None = None):
+    """``cxrlab predict model.onnx files...``: the checkpoint path's CSV, through ONNX Runtime only.
+    An unreadable image keeps its row (blank probabilities, the reason in ``error``)."""
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
     from ..data.sources.generic import collect_images
 
     predictor = OnnxPredictor(model_path)
     files = collect_images(inputs)
-    probs = predictor.predict_files(files, batch_size=batch_size)
-    table = predictions_table(files, probs, predictor.label_names, predictor.thresholds)
+    probs = np.full((len(files), len(predictor.label_names)), np.nan, dtype=np.float32)
+    errors: list[str] = []
+    with ThreadPoolExecutor(workers or min(4, os.cpu_count() or 1)) as pool:
+        for start in range(0, len(files), batch_size):
+            batch = list(pool.map(lambda f: _read_tolerant(predictor, f), files[start:start + batch_size]))
+            ok = np.array([e == "" for _, e in batch])
+            if ok.any():
+                images = np.stack([im for im, _ in batch])
+                probs[start + np.flatnonzero(ok)] = predictor.predict_fitted(images[ok], batch_size)
+            errors += [e for _, e in batch]
+    table = predictions_table(files, probs, errors, predictor.label_names, predictor.thresholds)
     out_csv = Path(out_csv)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out_csv, index=False, float_format="%.6f")
+    tmp = out_csv.with_name(f".{out_csv.name}.tmp-{os.getpid()}")
+    try:
+        table.to_csv(tmp, index=False, float_format="%.6f")
+        os.replace(tmp, out_csv)
+    finally:
+        tmp.unlink(missing_ok=True)
+    for path, error in zip(files, errors):
+        if error:
+            print(f"predict: cannot read {path}: {error}", file=sys.stderr)
     return table

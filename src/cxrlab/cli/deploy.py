@@ -1,0 +1,71 @@
+"""Commands that use a trained model outside training: ``export``, ``serve``, ``calibrate``."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_deploy_commands(sub) -> None:
+    p = sub.add_parser("export", help="write an ONNX model + sidecar, checked against PyTorch on real images")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("--format", default="onnx", choices=["onnx"])
+    p.add_argument("--out", required=True, type=Path, help="the .onnx file (its sidecar is <out>.json)")
+    p.add_argument("--check", nargs="+", type=Path, default=None, metavar="IMAGE",
+                   help="image files/folders for the parity check (default: 8 synthetic radiographs)")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="max |ORT - PyTorch| probability (1e-4)")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("serve", help="HTTP API + web page for a checkpoint or an ONNX export")
+    p.add_argument("model", type=Path, help="checkpoint (folder or run) or model.onnx")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workers", type=int, default=2, help="inference threads (one process, model loaded once)")
+    p.add_argument("--queue", type=int, default=8, help="requests that may wait for a worker; beyond: 503")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds per request before 504")
+    p.add_argument("--max-upload-mb", type=float, default=50.0, help="request body limit (413 above)")
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("calibrate", help="refit per-label thresholds (and temperature) on a local labelled set")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("--data", required=True, help="labelled source, KIND:LOCATION")
+    p.add_argument("--out", required=True, type=Path, help="folder for the calibrated copy")
+    p.add_argument("--temperature", action="store_true", help="also fit a per-label temperature")
+    p.add_argument("--method", default="f1", choices=["f1", "youden"], help="threshold rule (f1)")
+    p.add_argument("--policy", default=None, help="uncertain-label policy (default: the recipe's)")
+    p.add_argument("--split", default="all", help="all | train | val | test (official split column)")
+    p.set_defaults(func=_calibrate)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from ..inference.export import export_onnx
+
+    sidecar = export_onnx(args.checkpoint, args.out, check=args.check, tolerance=args.tolerance)
+    parity = sidecar["parity"]
+    print(f"wrote {args.out} and {args.out.name}.json: parity max |ORT - PyTorch| = {parity['max_abs_diff']:.2e} "
+          f"on {parity['n']} images (batch 1 and {parity['n']}; tolerance {parity['tolerance']:g})")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from ..inference.server import serve
+
+    serve(args.model, host=args.host, port=args.port, workers=args.workers, queue=args.queue,
+          timeout=args.timeout, max_upload_mb=args.max_upload_mb)
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from ..inference.calibrate import calibrate
+
+    record = calibrate(args.checkpoint, args.data, args.out, temperature=args.temperature, method=args.method,
+                       policy=args.policy, split=args.split)
+    print(f"wrote {args.out}: thresholds refitted for {len(record['labels_refitted'])} labels on {record['n']} "
+          f"images of {record['source']}" + (" (with per-label temperature)" if args.temperature else ""))
+    return 0
+
+
+def predict_onnx(args: argparse.Namespace):
+    """``cxrlab predict model.onnx ...``: the ONNX Runtime path (no torch)."""
+    from ..inference.onnx_predictor import predict_files
+
+    return predict_files(args.checkpoint, args.inputs, args.out, batch_size=args.batch_size)
