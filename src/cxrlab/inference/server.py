@@ -90,12 +90,13 @@ class TorchBackend:
         self.label_names, self.thresholds = p.label_names, p.thresholds
         self.threshold_source = threshold_source(info)
         self.image_size = p.image_size
-        from ..checkpoint import INFO_FILE, find_checkpoint
+        from ..checkpoint import INFO_FILE, MODEL_FILE, STATE_FILE, find_checkpoint
 
         folder = find_checkpoint(path)
         model = info["recipe"]["model"]
+        weights = info.get("files", {}).get(STATE_FILE if info.get("ema") else MODEL_FILE, {})
         self.identity = {"file": folder.name, "format": "checkpoint", "sha256": sha256_file(folder / INFO_FILE),
-                         "weights_sha256": next(iter(info.get("files", {}).values()), {}).get("sha256"),
+                         "weights_sha256": weights.get("sha256"),
                          "head": model.get("head"), "backbones": model.get("backbones") or [model.get("backbone")]}
         self.runtime = f"torch {torch.__version__}"
         self._cam_lock = threading.Lock()
