@@ -1,6 +1,6 @@
 """Multi-label metrics and bootstrap CIs (the functional core of :mod:`cxrlab.metrics`).
 
-Conventions (specs/baselines.md): masked entries (mask 0) are excluded per label; a label without both
+Conventions: masked entries (mask 0) are excluded per label; a label without both
 classes among its known entries is *undefined*: its AUC/AP/F1 are NaN (``None`` in the report dict and
 JSON ``null``), it is named in ``undefined_labels`` and macro averages skip it — never 0 or 0.5.
 
@@ -276,12 +276,16 @@ def _percentile_ci(values: np.ndarray, ci: float) -> list:
 
 
 def multilabel_report(probabilities, targets, mask=None, label_names=None, thresholds=None,
-                      bootstrap: int = 0, ci: float = 0.95, seed: int = 0) -> dict:
+                      bootstrap: int = 0, ci: float = 0.95, seed: int = 0, min_positives: int = 0,
+                      exclude_unreliable: bool = False) -> dict:
     """The metrics.json dict: headline metrics, per-label metrics and (with ``bootstrap`` > 0) AUC CIs.
 
     ``thresholds`` (one per label, e.g. from ``fit_thresholds`` on *validation* data) set ``f1``,
     ``macro_f1``, ``micro_f1``, sensitivity and specificity; ``*_at_0.5`` are always at 0.5.
-    Undefined values are ``None`` so the dict is exactly what JSON holds.
+    A defined label with fewer than ``min_positives`` known positives is listed in ``unreliable_labels``
+    (its AUC and CI rest on a handful of images); ``exclude_unreliable`` leaves such labels out of the
+    macro averages (micro averages pool entries and keep them). Undefined values are ``None`` so the
+    dict is exactly what JSON holds.
     """
     p, t, known = check_inputs(probabilities, targets, mask, label_names)
     names = _names(label_names, p.shape[1])
@@ -298,15 +302,20 @@ def multilabel_report(probabilities, targets, mask=None, label_names=None, thres
     c_thr, c_half = _confusion(p, t, known, thr), _confusion(p, t, known, np.full(len(names), 0.5))
     f1 = np.where(defined, _f1(c_thr), np.nan)
     f1_half = np.where(defined, _f1(c_half), np.nan)
+    unreliable = defined & ((c_thr["tp"] + c_thr["fn"]) < int(min_positives))
+    in_macro = defined & ~unreliable if exclude_unreliable else defined
     report = {
-        "macro_auc": _nanmean(auc),
+        "macro_auc": _nanmean(auc[in_macro]),
         "micro_auc": float(_AucPlan(p[known], t[known]).auc()[0]),
-        "map": _nanmean(ap),
-        "macro_f1": _nanmean(f1),
+        "map": _nanmean(ap[in_macro]),
+        "macro_f1": _nanmean(f1[in_macro]),
         "micro_f1": _micro_f1(c_thr),
-        "macro_f1_at_0.5": _nanmean(f1_half),
+        "macro_f1_at_0.5": _nanmean(f1_half[in_macro]),
         "micro_f1_at_0.5": _micro_f1(c_half),
         "undefined_labels": [n for n, d in zip(names, defined) if not d],
+        "unreliable_labels": [n for n, u in zip(names, unreliable) if u],
+        "min_positives": int(min_positives),
+        "macro_excludes_unreliable": bool(exclude_unreliable),
         "n_images": int(p.shape[0]),
         "threshold_source": "default 0.5" if thresholds is None else "given per label",
     }
@@ -317,11 +326,11 @@ def multilabel_report(probabilities, targets, mask=None, label_names=None, thres
             "n_positive": int(c_thr["tp"][j] + c_thr["fn"][j]), "n_negative": int(c_thr["tn"][j] + c_thr["fp"][j]),
             "sensitivity": _ratio(c_thr["tp"][j], c_thr["tp"][j] + c_thr["fn"][j]),
             "specificity": _ratio(c_thr["tn"][j], c_thr["tn"][j] + c_thr["fp"][j]),
-            "f1_at_0.5": f1_half[j],
+            "f1_at_0.5": f1_half[j], "reliable": bool(defined[j] and not unreliable[j]),
         }
     if bootstrap:
         boot = bootstrap_aucs(plans, p.shape[0], int(bootstrap), seed)
-        report["macro_auc_ci"] = _percentile_ci(_row_nanmean(boot[:, defined]), ci)
+        report["macro_auc_ci"] = _percentile_ci(_row_nanmean(boot[:, in_macro]), ci)
         for j, name in enumerate(names):
             per_label[name]["auc_ci"] = _percentile_ci(boot[:, j], ci)
         report["bootstrap"] = {"resamples": int(bootstrap), "ci": float(ci), "seed": int(seed)}
