@@ -1,7 +1,7 @@
 """Per-label decision thresholds, fitted on VALIDATION predictions only.
 
-Fitting thresholds on the test set inflates F1 (the test set would choose its own operating point): the caller passes validation
-probabilities/targets here and applies the result to the test set via
+Fitting thresholds on the test set inflates F1 (the test set would choose its own operating point):
+the caller passes validation probabilities/targets here and applies the result to the test set via
 ``multilabel_report(..., thresholds=...)``. A label predicted positive when ``prob >= threshold``.
 """
 from __future__ import annotations
