@@ -7,7 +7,6 @@ the training cache fitted images to the input size.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,19 +14,6 @@ import torch
 from torch import nn
 
 from ..errors import CxrlabError
-
-
-@dataclass
-class Predictions:
-    """``probabilities`` N×L, ``positive`` N×L booleans at ``thresholds``, for ``label_names``."""
-
-    label_names: list[str]
-    probabilities: np.ndarray
-    thresholds: np.ndarray
-
-    @property
-    def positive(self) -> np.ndarray:
-        return self.probabilities >= self.thresholds[None, :]
 
 
 class Predictor:
