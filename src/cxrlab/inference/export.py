@@ -115,10 +115,9 @@ def export_onnx(checkpoint, out, check: list | None = None, tolerance: float = T
     import onnxruntime as ort
 
     from .. import __version__
-    from ..checkpoint import INFO_FILE, MODEL_FILE, STATE_FILE, find_checkpoint, load_model, read_info
+    from ..checkpoint import INFO_FILE, MODEL_FILE, STATE_FILE, find_checkpoint, load_model
 
     folder = find_checkpoint(Path(checkpoint))
-    info = read_info(folder)
     model, info = load_model(folder)
     model = model.float().eval()
     data = info["recipe"]["data"]
