@@ -99,7 +99,7 @@ def add_prepare_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="cache folder to create")
     p.add_argument("--mode", choices=MODES, default="pad",
                    help="pad: keep the whole image, black borders (default); crop: centre crop")
-    p.add_argument("--workers", type=int, default=None, help="decoding processes (default: CPUs, up to 8)")
+    p.add_argument("--workers", type=int, default=None, help="decoding processes (default: one per usable CPU)")
     p.add_argument("--on-error", choices=ON_ERROR, default="skip",
                    help="skip: list unreadable images in failed.csv and go on (default); fail: stop")
     p.add_argument("--views", default=None, help="keep these views only, e.g. frontal or PA,AP")
