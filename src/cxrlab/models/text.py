@@ -287,6 +287,33 @@ def label_embeddings(label_names, model_config, cache_dir: Path | None = None) -
                          getattr(model_config, "text_encoder_args", None), cache_dir)
 
 
+def cache_root(data_cache_dir: str | None) -> Path:
+    """Where cxrlab caches live: ``data.cache_dir``, else ``$CXRLAB_CACHE``, else ``~/.cache/cxrlab``."""
+    if data_cache_dir:
+        return Path(data_cache_dir)
+    return Path(os.environ.get("CXRLAB_CACHE", Path.home() / ".cache" / "cxrlab"))
+
+
+def check_label_text(recipe) -> None:
+    """Fail early (before data is prepared) on an unknown encoder, bad arguments, a missing hf: model or
+    a label description override that names no label; nothing is encoded. A no-op for other heads."""
+    from ..registry import HEADS
+
+    if not hasattr(HEADS.get(recipe.model.head), "set_label_text"):
+        return
+    get_encoder(recipe.model.text_encoder, recipe.model.text_encoder_args)
+
+
+def attach_label_text(model, recipe, label_names) -> None:
+    """Give a label-text head (``prototype``) its vectors from the recipe's encoder, through the cache
+    (what the pipeline calls after building the model; a no-op for other heads)."""
+    head = getattr(model, "head", None)
+    if not hasattr(head, "set_label_text"):
+        return
+    vectors, identity = label_embeddings(label_names, recipe.model, cache_root(recipe.data.cache_dir))
+    head.set_label_text(vectors, identity)
+
+
 def cosine_matrix(vectors: np.ndarray) -> np.ndarray:
     v = _unit(np.asarray(vectors, dtype=np.float64))
     return np.clip(v @ v.T, -1.0, 1.0)
