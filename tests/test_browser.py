@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_export import LABELS, tiny_checkpoint
+from test_export import LABELS, one_thread, tiny_checkpoint  # noqa: F401 (autouse)
 from test_server import running
 
 CHROMEDRIVER = Path("/usr/bin/chromedriver")

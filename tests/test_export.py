@@ -25,6 +25,15 @@ FIXTURES = ("nih/00000001_000.png", "nih/00027426_000.png", "covid/16747_3_1.jpg
             "dicom/siim_pneumothorax_example.dcm", "dicom/monochrome1_example.dcm")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tiny models run far faster on one torch thread (no waking of a second on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_checkpoint(folder: Path, head: str = "linear", size: int = 64, seed: int = 0,
                     thresholds=(0.3, 0.5, 0.6)) -> Path:
     """A checkpoint of a small random model for ``head`` (two backbones for heads that take several),

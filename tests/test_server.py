@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_export import LABELS, tiny_checkpoint
+from test_export import LABELS, one_thread, tiny_checkpoint  # noqa: F401 (autouse)
 
 from cxrlab.errors import CxrlabError
 
