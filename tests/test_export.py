@@ -335,3 +335,18 @@ def test_cli_export_then_predict_onnx_without_torch(tmp_path, fixtures):
     # a failed parity check is an error message naming the checkpoint, and no file
     assert main(["export", str(ckpt), "--out", str(tmp_path / "n.onnx"), "--tolerance", "-1"]) == 2
     assert not (tmp_path / "n.onnx").exists()
+
+
+def test_write_heatmaps_methods(exported, fixtures, tmp_path):
+    from PIL import Image
+
+    from cxrlab.inference.heatmaps import write_heatmaps
+
+    ckpt = exported["prototype"][0]  # a head without native maps: Grad-CAM still works
+    written = write_heatmaps(ckpt, fixtures[:1], tmp_path, labels=["Effusion"], method="gradcam")
+    assert [p.name for p in written] == ["00000001_000_Effusion_gradcam.png"]
+    assert Image.open(written[0]).size[0] > 100
+    with pytest.raises(CxrlabError, match="no spatial maps"):
+        write_heatmaps(ckpt, fixtures[:1], tmp_path, labels=["Effusion"])
+    with pytest.raises(CxrlabError, match="unknown heatmap method 'gradcam\\+\\+'"):
+        write_heatmaps(ckpt, fixtures[:1], tmp_path, method="gradcam++")

@@ -259,3 +259,16 @@ def test_bad_model_refuses_to_start(model_files, tmp_path):
         create_app(model)
     with pytest.raises(CxrlabError, match="checkpoint not found"):
         create_app(tmp_path / "missing_checkpoint")
+
+
+def test_cli_serve_defaults_and_refusal(model_files, tmp_path, capsys):
+    import shutil
+
+    from cxrlab.cli import build_parser, main
+
+    args = build_parser().parse_args(["serve", "model.onnx"])
+    assert (args.host, args.port, args.workers, args.max_upload_mb) == ("127.0.0.1", 8000, 2, 50.0)
+    model = tmp_path / "model.onnx"
+    shutil.copy(model_files[1], model)  # no sidecar beside it
+    assert main(["serve", str(model), "--port", str(free_port())]) == 2
+    assert f"ONNX sidecar missing: {model}.json" in capsys.readouterr().err
