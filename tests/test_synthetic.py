@@ -8,7 +8,7 @@ import pytest
 from cxrlab.data import synthetic
 from cxrlab.data.synthetic import generate, load_synthetic, parse_spec, render, sample_labels, sample_patients
 from cxrlab.errors import CxrlabError
-from cxrlab.labels import NIH14
+from cxrlab.labels import CHEXPERT14, NIH14
 
 # Image counts per label in the NIH label file (shared/data/README.md), out of 112,120 images.
 NIH_COUNTS = {"Infiltration": 19894, "Effusion": 13317, "Atelectasis": 11559, "Nodule": 6331, "Mass": 5782,
@@ -148,14 +148,18 @@ def test_each_finding_shows_in_its_region(label):
 
 
 def test_spec_grammar_and_errors():
-    assert parse_spec("3000") == {"n": 3000, "seed": 0, "size": 64, "temperature": 1.0}
+    assert parse_spec("3000") == {"n": 3000, "seed": 0, "size": 64, "temperature": 1.0, "labels": "nih14"}
     assert parse_spec("")["n"] == parse_spec(",seed=1")["n"] == synthetic.DEFAULT_N
-    assert parse_spec("10, seed=2,temperature=1.5,size=32") == {"n": 10, "seed": 2, "size": 32, "temperature": 1.5}
+    assert parse_spec("10, seed=2,temperature=1.5,size=32") == {"n": 10, "seed": 2, "size": 32, "temperature": 1.5,
+                                                                "labels": "nih14"}
+    assert parse_spec("10,labels=chexpert14")["labels"] == "chexpert14"
     records = load_synthetic("10,seed=2,size=32")
     assert records.labels == NIH14 and records.read(0).shape == (32, 32)
+    assert load_synthetic("10,size=32,labels=chexpert14").labels == CHEXPERT14
     for bad, words in [("abc", "integer"), ("10,sed=1", "did you mean 'seed'"),
                        ("10,seed", "bad option"), ("0", "at least 1"), ("10,seed=-1", "seed"),
-                       ("10,temperature=0", "temperature")]:
+                       ("10,temperature=0", "temperature"), ("10,labels=chexpert", "did you mean 'chexpert14'"),
+                       ("10,label=nih14", "did you mean 'labels'")]:
         with pytest.raises(CxrlabError, match=words):
             parse_spec(bad)
 
@@ -183,3 +187,122 @@ def test_global_findings_are_learnable_but_not_trivially():
         model = LogisticRegression(C=0.05, max_iter=500).fit(x[:1400], y[:1400, j])
         auc = roc_auc_score(y[1400:, j], model.decision_function(x[1400:]))
         assert 0.75 < auc < 0.99, (name, auc)
+
+
+# ------------------------------------------------------------------ CheXpert-like labels (labels=chexpert14)
+
+@pytest.fixture(scope="module")
+def chexpert_draws() -> np.ndarray:
+    return sample_labels(20000, seed=7, labels="chexpert14")
+
+
+def test_chexpert_table_is_the_frequent_combinations_of_the_file(shared_data):
+    """The embedded table is exactly CheXpert's frontal label sets (U-Zeros) seen at least 5 times."""
+    import pandas as pd
+
+    df = pd.read_csv(shared_data / "chexpert" / "chexpert_train.csv.gz")
+    frontal = df[df["Frontal/Lateral"] == "Frontal"]
+    values = (frontal[list(CHEXPERT14.names)].to_numpy() == 1).astype(np.int64)   # -1 and blank -> 0
+    assert len(values) == synthetic.CHEXPERT_FRONTAL_IMAGES
+    assert tuple(values.sum(0)) == synthetic.CHEXPERT_FRONTAL_COUNTS
+    masks = pd.Series((values << np.arange(14)).sum(1)).value_counts()
+    frequent = masks[masks >= 5]
+    sets, counts = synthetic.combo_table("chexpert14")
+    table = dict(zip((sets.astype(np.int64) << np.arange(14)).sum(1).tolist(), counts.tolist()))
+    assert table == frequent.to_dict()
+
+
+def test_chexpert_table_keeps_the_label_frequencies():
+    """Dropping the rare combinations changes no label's frequency by more than 15 % (relative)."""
+    full = np.array(synthetic.CHEXPERT_FRONTAL_COUNTS) / synthetic.CHEXPERT_FRONTAL_IMAGES
+    kept = synthetic.prevalence("chexpert14")
+    assert np.all(np.abs(kept - full) / full < 0.15), dict(zip(CHEXPERT14.names, kept / full))
+    assert abs(kept[CHEXPERT14.index("Support Devices")] - 0.561) < 0.005   # CheXpert's most frequent
+
+
+def test_chexpert_label_frequencies_and_density(chexpert_draws):
+    n = len(chexpert_draws)
+    for j, p in enumerate(synthetic.prevalence("chexpert14")):
+        assert abs(chexpert_draws[:, j].mean() - p) < 4 * np.sqrt(p * (1 - p) / n) + 1e-3, CHEXPERT14.names[j]
+    per_image = chexpert_draws.sum(1)
+    assert 2.2 < per_image.mean() < 2.6 and (per_image >= 2).mean() > 0.7   # NIH: 0.72 and 19 %
+    nf = CHEXPERT14.index("No Finding")
+    others = np.delete(chexpert_draws, [nf, CHEXPERT14.index("Support Devices")], axis=1)
+    assert not (chexpert_draws[:, nf].astype(bool) & others.any(1)).any()   # No Finding: no pathology
+
+
+def test_spml_hides_far_more_positives_with_chexpert_labels():
+    """The share of unknown training entries that are truly positive under `spml`: 11.0 % with the
+    CheXpert-like labels (13 unknown labels per image) against 1.9 % with NIH's (14 + "No Finding")."""
+    from cxrlab.data.policies import apply_policy
+
+    def hidden_share(labels: str) -> float:
+        records = load_synthetic(f"20000,seed=3,size=16,labels={labels}")
+        result = apply_policy(records.values, records.labels, "spml", seed=0)
+        unknown = result.mask == 0
+        return float((result.full_target[unknown] == 1).mean())
+
+    assert abs(hidden_share("chexpert14") - 0.110) < 0.006
+    assert abs(hidden_share("nih14") - 0.0187) < 0.003
+
+
+def test_chexpert_sets_are_deterministic_and_nested():
+    small, rec_small = generate(5, size=32, seed=2, labels="chexpert14")
+    large, rec_large = generate(8, size=32, seed=2, labels="chexpert14")
+    np.testing.assert_array_equal(small, large[:5])
+    np.testing.assert_array_equal(rec_small.values, rec_large.values[:5])
+    again, _ = generate(5, size=32, seed=2, labels="chexpert14")
+    np.testing.assert_array_equal(small, again)
+    assert rec_large.labels == CHEXPERT14
+    # CheXpert's films are mostly AP (84 % of frontal images), NIH's mostly PA
+    views = load_synthetic("4000,seed=1,size=16,labels=chexpert14").meta["view"]
+    assert 0.8 < (views == "AP").mean() < 0.88
+
+
+CHEXPERT_REGIONS = {
+    "Enlarged Cardiomediastinum": "mediastinum", "Lung Opacity": LUNGS, "Lung Lesion": LUNGS,
+    "Pleural Other": "pleura", "Fracture": "chest wall", "Support Devices": "upper chest",
+}
+
+
+def _chexpert_region(name: str, size: int) -> np.ndarray:
+    if name in (LUNGS,):
+        return _region(name, size)
+    t = (np.arange(size) + 0.5) / size * 2 - 1
+    x, y = np.meshgrid(t, t)
+    ax = np.abs(x)
+    return {
+        "mediastinum": (ax < 0.3) & (y < 0.2),
+        "pleura": ((ax > 0.5) & (ax < 0.8) & (y > -0.6) & (y < 0.35)) | ((ax > 0.15) & (ax < 0.75) & (y > 0.1) & (y < 0.5)),
+        "chest wall": (ax > 0.45) & (ax < 0.85) & (y > -0.7) & (y < 0.4),
+        "upper chest": (ax < 0.75) & (y < 0.25),
+    }[name]
+
+
+@pytest.mark.parametrize("label", sorted(CHEXPERT_REGIONS))
+def test_each_new_chexpert_finding_shows_in_its_region(label):
+    size, n = 48, 24
+    on = np.zeros(len(CHEXPERT14))
+    on[CHEXPERT14.index(label)] = 1
+    off = np.zeros(len(CHEXPERT14))
+    diff = np.mean([render(i, on, 5, size, label_set="chexpert14") - render(i, off, 5, size, label_set="chexpert14")
+                    for i in range(n)], 0)
+    region = _chexpert_region(CHEXPERT_REGIONS[label], size)
+    inside, outside = diff[region].mean(), np.abs(diff[~region]).mean()
+    assert inside > 0.0005, (label, inside)   # a rib callus is small: a few pixels at 48 px
+    assert inside > 2 * outside, (label, inside, outside)
+
+
+def test_new_chexpert_findings_are_learnable_but_not_trivially():
+    """A linear model on raw 32-px pixels detects the large new findings well above chance, but far
+    from perfectly (measured: Enlarged Cardiomediastinum 0.92, Support Devices 0.82 on 2,000 images)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+
+    images, records = generate(1200, size=32, seed=11, temperature=2, labels="chexpert14")
+    x, y = images.reshape(len(images), -1), records.values
+    for name in ("Enlarged Cardiomediastinum", "Support Devices"):
+        j = CHEXPERT14.index(name)
+        model = LogisticRegression(C=0.05, max_iter=300).fit(x[:900], y[:900, j])
+        auc = roc_auc_score(y[900:, j], model.decision_function(x[900:]))
+        assert 0.7 < auc < 0.98, (name, auc)

@@ -18,10 +18,20 @@ Source spec grammar (``synthetic:SPEC``)::
 
     SPEC  := [N] [ "," KEY "=" VALUE ]*          N: number of images (default 2000)
     KEY   := seed (int >= 0, default 0) | size (pixels, default 64) | temperature (float > 0, default 1)
+           | labels (nih14 | chexpert14, default nih14)
 
 e.g. ``synthetic:3000`` or ``synthetic:20000,seed=1,temperature=2``; ``synthetic:`` alone is 2000
 images. ``temperature`` > 1 flattens the
 combination distribution (probabilities ∝ count^(1/T)) so rare labels appear more often; 1 is faithful.
+
+``labels=chexpert14`` draws CheXpert's joint label distribution instead, over its 14 observations
+(``cxrlab.labels.CHEXPERT14``, "No Finding" included as the file has it): the label combinations of the
+191,027 frontal images of CheXpert v1.0-small ``train.csv`` with uncertain (-1) → 0 and blank → 0
+(U-Zeros, the SPML convention), every combination seen at least 5 times (701 of 1,466; 99.3 % of the
+images). CheXpert images carry 2.4 positives on average against NIH's 0.7. Findings with an NIH
+counterpart reuse its drawing; Lung Opacity, Support Devices, Enlarged Cardiomediastinum, Fracture and
+(half of the time) Pleural Other have their own, and Lung Lesion is a mass or a nodule. Views are AP
+with CheXpert's rates (59 % without a finding, 87 % with one).
 """
 from __future__ import annotations
 
@@ -31,8 +41,8 @@ from functools import lru_cache
 import numpy as np
 import pandas as pd
 
-from ..errors import CxrlabError, closest
-from ..labels import NIH14
+from ..errors import CxrlabError, closest, unknown
+from ..labels import CHEXPERT14, NIH14, NO_FINDING, LabelSpace
 from .records import Records
 
 # Distinct NIH label sets and their image counts, "MASK:COUNT" with MASK a hex bit mask over NIH14
@@ -89,58 +99,139 @@ a08:1 2808:1 1181:1 4f:1 1211:1 3001:1 168:1 1306:1 26f:1 295:1 10a8:1 1058:1 c8
 1485:1 150:1 504:1 20b9:1 1191:1
 """
 
+# Label sets of CheXpert v1.0-small train.csv, frontal images only (191,027), U-Zeros (uncertain and blank
+# → 0), "MASK:COUNT" with bit j = CHEXPERT14.names[j] (bit 0 = "No Finding", bit 13 = "Support Devices").
+# Computed once; the 701 combinations seen at least 5 times are kept (189,656 images, 99.3 %), so rare
+# labels are slightly under-represented (Pleural Other by 13 %, Lung Lesion 6 %, the rest < 5 %).
+_CHEXPERT_COMBOS = """
+2408:12538 1:9553 2008:8987 8:8446 0:7766 2001:7421 2428:6186 408:5972 2000:5278 2028:4196 2400:3838
+2020:3675 400:3570 20:3080 2420:2604 2100:2404 428:2329 200:2274 2500:2237 2200:2213 28:2202 2208:1938
+2508:1886 242c:1784 2108:1717 100:1716 2608:1645 2520:1579 240c:1579 4:1539 420:1535 2004:1439 1000:1377
+108:1313 2024:1308 500:1240 202c:1137 2120:1100 200c:1088 40:1034 2:1025 24:984 2440:982 508:967 2040:967
+208:940 2528:881 2424:862 c:844 18:828 440:790 10:782 88:720 42c:716 2448:701 2128:694 608:671 2048:665
+240a:656 2600:647 2460:640 40c:624 2002:619 2c:570 2404:564 3000:542 520:530 2300:528 48:517 424:474 600:461
+120:457 418:454 1008:447 a:440 200a:427 80:423 2524:415 404:407 2018:386 3408:373 448:361 3008:354 2418:353
+2700:345 2010:333 2308:320 528:317 2088:303 242a:301 800:291 40a:286 128:284 2124:277 808:276 2060:273
+460:273 300:263 2504:253 410:249 2104:246 1200:235 488:230 6:226 2708:226 2006:224 2468:223 202a:214
+1408:212 2228:205 2628:196 250c:190 c0:188 252c:186 2488:185 308:175 2540:173 2402:169 104:164 2808:164
+240e:162 2220:162 210c:157 212c:157 20a8:154 524:154 1002:154 a8:154 60:151 2068:148 700:145 2548:145
+2022:143 2800:141 1400:140 2410:134 504:133 3208:127 10c:125 3400:124 124:124 2140:122 2422:120 2a:120
+402:120 1100:118 210:118 2464:116 148:115 2210:114 22:114 2560:111 3428:111 2080:110 140:108 2102:108
+708:106 540:106 2148:106 3200:106 2202:105 2620:105 24a8:101 2502:100 1004:99 210a:98 2240:96 3100:95
+2c08:94 468:93 260c:92 4a8:92 1108:91 242e:89 2218:89 250a:88 548:87 52c:86 c8:85 2444:85 218:84 102:84
+118:83 188:80 444:79 464:79 2044:79 2640:78 2038:78 a0:77 c08:77 3028:76 42a:76 38:74 518:74 200e:74 50c:74
+e:73 2438:72 220c:71 628:71 480:68 228:67 2618:67 220:67 1500:66 44:66 220a:66 58:65 422:65 12c:65 98:63
+260a:63 438:62 3508:62 10a:62 202e:62 3020:61 2518:60 2118:60 3500:60 68:60 1020:59 2522:59 1208:59 2204:58
+240:57 3004:57 3608:57 3420:56 502:56 3108:56 2248:55 1c:55 620:55 4c0:55 50:54 510:54 1428:54 204c:53
+2648:52 40e:52 110:52 3002:52 c00:50 1010:50 2568:49 2026:48 1028:48 2a08:47 818:47 14:45 1a:45 244c:45
+1508:45 2058:45 1018:44 2030:43 1608:43 252a:43 2328:43 1800:42 44c:41 4c:41 20c8:41 2064:41 100a:41 498:41
+442:40 246c:40 30:39 50a:39 2458:39 640:38 2110:38 20c0:38 8c:38 458:37 41c:36 100c:36 202:36 ac:36 12:36
+2588:35 2442:35 64:34 4c8:34 2042:33 180:33 2c00:33 340c:33 26:33 2450:33 2510:33 1300:32 2288:32 3520:32
+2610:32 588:32 2122:31 204a:31 42:31 2050:30 2604:30 84:30 244a:30 3440:30 2320:30 300c:30 2426:30 2160:30
+450:29 3040:29 2720:29 20ac:29 2828:29 3300:29 2430:29 80c:28 848:28 2188:28 262c:28 2406:27 212a:27 3120:27
+41a:26 90:26 1440:26 340a:26 20a:26 1600:26 2a00:25 618:25 430:25 610:25 25a8:24 2168:24 222c:24 302c:24
+204:24 46c:24 810:24 2302:24 1024:24 3308:24 20a0:24 2728:24 206c:24 3c:24 24c8:23 122:23 2098:23 908:23
+2908:23 840:23 560:23 4ac:23 48c:23 241c:22 1202:22 4a0:22 2224:22 60c:22 220e:22 6c:21 2c28:21 1040:21
+2900:21 230a:21 24c0:20 820:20 60a:20 1420:20 1808:20 42e:20 2820:20 568:20 3018:20 5a8:20 342c:20 2e:20
+2602:19 2564:19 201c:19 140a:19 2544:19 828:19 a00:19 406:19 241a:19 2310:19 300a:18 21a8:18 1088:18 3800:18
+2012:18 248:18 804:18 2c18:18 802:18 24e8:18 2462:18 648:17 280c:17 260e:17 3024:17 203c:17 43c:17 720:17
+160:17 888:17 3048:17 2624:17 2304:17 142c:17 412:16 208c:16 4a:16 2480:16 900:16 2206:16 2740:16 2804:16
+580:16 2840:16 d00:15 2c40:15 256c:15 250e:15 2138:15 2318:15 20c:15 2260:15 318:15 3424:15 288:15 20e8:15
+310:15 522:15 230c:14 2d08:14 1308:14 a08:14 216c:14 1006:14 2014:14 201a:14 254c:14 2538:14 1a8:14 2848:14
+3600:14 168:14 c40:13 243c:13 20e0:13 c28:13 248c:13 44a:13 2d00:13 10e:13 80a:13 2558:13 538:13 3460:13
+1c8:13 8a:12 106:12 102c:12 54c:12 d08:12 140c:12 24ac:12 4e8:12 2506:12 426:12 120a:12 320:12 4e0:12 1c0:12
+602:11 3010:11 254a:11 340:11 446:11 3104:11 c0c:11 112:11 2802:11 2718:11 604:11 320a:11 2062:11 d8:11
+3404:11 1c08:11 e08:11 12a:11 2412:11 c0a:11 20e:11 2818:10 3528:10 2c0c:10 1520:10 52a:10 1080:10 1404:10
+c18:10 1504:10 270c:10 304:10 2526:10 1418:10 82:10 1048:10 2180:10 2268:10 144:10 1120:10 1448:10 206:10
+142:10 2810:10 2340:10 2668:10 328:10 2348:10 3128:10 2126:10 2702:9 1102:9 1424:9 414:9 252e:9 16:9 704:9
+14c:9 14a:9 880:9 3448:9 82c:9 54a:9 2e08:9 2688:9 c4:9 214a:9 2084:9 2130:9 aa:9 246a:9 3402:8 688:8 3202:8
+3708:8 32:8 740:8 2c20:8 262a:8 2446:8 2106:8 280a:8 2724:8 2470:8 c24:8 2660:8 3088:8 2530:8 434:8 3524:8
+2704:8 1700:8 2090:8 544:8 3808:8 158:8 3140:8 302:8 2222:8 1104:8 1402:8 e0:8 2c48:7 352c:7 212e:7 1460:7
+222:7 4d0:7 3c08:7 c48:7 2580:7 2748:7 3628:7 1204:7 270a:7 102a:7 138:7 c10:7 2242:7 1e:7 4d8:7 d0:7 3468:7
+212:7 214c:7 20aa:7 2b00:6 2880:6 454:6 462:6 824:6 210e:6 248a:6 a4:6 2144:6 51a:6 2542:6 660:6 56c:6
+2638:6 484:6 26a8:6 558:6 2788:6 1128:6 598:6 1022:6 702:6 2550:6 3418:6 3700:6 3102:6 2034:6 e8:6 512:6
+2258:6 cc:6 43a:6 5c0:6 564:6 728:6 470:6 2070:6 2562:6 24a0:6 62c:5 22c:5 280:5 100e:5 ae:5 21a0:5 164:5
+b08:5 24b8:5 30c:5 211c:5 1044:5 490:5 2824:5 8c0:5 718:5 1a0:5 251c:5 150:5 8e:5 238:5 1464:5 350a:5 1410:5
+2c04:5 466:5 243a:5 260:5 2642:5 1540:5 550:5 1908:5 2c2c:5 2244:5 90c:5 2414:5 c04:5 52e:5 478:5 748:5
+1502:5 4e4:5 2888:5 2360:5 34:5 1488:5 514:5 4b8:5 2d28:5 221c:5 25c8:5 1900:5 2078:5 342a:5 70:5 56a:5
+"""
+# Positive image counts per CheXpert observation over all 191,027 frontal images (U-Zeros), before
+# the truncation above: what the table's frequencies are checked against.
+CHEXPERT_FRONTAL_IMAGES = 191027
+CHEXPERT_FRONTAL_COUNTS = (16974, 9187, 23385, 94211, 7040, 49675, 12983, 4675, 29720, 17693, 76899, 2505,
+                           7436, 107170)
+
 # NIH patients with 1, 2, ..., 30 images; 397 more have over 30 (31..184, mean 51), drawn here
 # uniformly in 31..71 so that the mean stays NIH's 3.6 images per patient without 184-image outliers.
 _PATIENT_SIZES = (17503, 4113, 2100, 1330, 938, 787, 608, 494, 387, 320, 281, 235, 165, 181, 121, 120, 91,
                   77, 77, 74, 68, 39, 50, 51, 45, 35, 38, 27, 25, 28)
 _PATIENTS_OVER_30 = 397
-_P_AP = {False: 0.349, True: 0.459}   # NIH: P(AP | No Finding), P(AP | any finding)
+# P(AP | no finding), P(AP | any finding): NIH's; CheXpert's frontal images ("No Finding" is no finding)
+_P_AP = {"nih14": {False: 0.349, True: 0.459}, "chexpert14": {False: 0.589, True: 0.872}}
+LABEL_SETS = {"nih14": (NIH14, _NIH_COMBOS), "chexpert14": (CHEXPERT14, _CHEXPERT_COMBOS)}
 
 # Independent random streams, so that labels, views, patients and pixels never shift each other.
 _LABELS, _VIEWS, _PATIENTS, _ANATOMY, _IMAGE = range(11, 16)
-SPEC_KEYS = ("seed", "size", "temperature")
+SPEC_KEYS = ("seed", "size", "temperature", "labels")
 DEFAULT_N = 2000
 
 
 # ------------------------------------------------------------------------------------------ labels
 
-@lru_cache(maxsize=1)
-def combo_table() -> tuple[np.ndarray, np.ndarray]:
-    """(label sets as an n_combos×14 bool matrix, NIH image count of each)."""
-    pairs = [token.split(":") for token in _NIH_COMBOS.split()]
+def label_set(labels: str) -> LabelSpace:
+    """The label space of a synthetic label set name (``nih14`` or ``chexpert14``)."""
+    if labels not in LABEL_SETS:
+        raise unknown("synthetic label set (labels=)", str(labels), tuple(LABEL_SETS))
+    return LABEL_SETS[labels][0]
+
+
+@lru_cache(maxsize=4)
+def combo_table(labels: str = "nih14") -> tuple[np.ndarray, np.ndarray]:
+    """(label sets as an n_combos×14 bool matrix, image count of each) of a label set."""
+    space, table = label_set(labels), LABEL_SETS[labels][1]
+    pairs = [token.split(":") for token in table.split()]
     masks = np.array([int(m, 16) for m, _ in pairs], dtype=np.int64)
     counts = np.array([int(c) for _, c in pairs], dtype=np.int64)
-    bits = (masks[:, None] >> np.arange(len(NIH14))) & 1
+    bits = (masks[:, None] >> np.arange(len(space))) & 1
     return bits.astype(bool), counts
+
+
+def prevalence(labels: str = "nih14") -> np.ndarray:
+    """Per-label image frequency of the embedded table (the expected label means of ``sample_labels``)."""
+    sets, counts = combo_table(labels)
+    return (sets * counts[:, None]).sum(0) / counts.sum()
 
 
 def nih_prevalence() -> np.ndarray:
     """NIH's per-label image frequency (the expected label means of ``sample_labels``)."""
-    sets, counts = combo_table()
-    return (sets * counts[:, None]).sum(0) / counts.sum()
+    return prevalence("nih14")
 
 
-def combo_probabilities(temperature: float = 1.0) -> np.ndarray:
+def combo_probabilities(temperature: float = 1.0, labels: str = "nih14") -> np.ndarray:
     """Probability of each label combination: ∝ count^(1/temperature)."""
     if not temperature > 0:
         raise CxrlabError(f"synthetic: temperature must be > 0, got {temperature}")
-    _, counts = combo_table()
+    _, counts = combo_table(labels)
     weights = np.exp(np.log(counts) / temperature)
     return weights / weights.sum()
 
 
-def sample_labels(n: int, seed: int = 0, temperature: float = 1.0) -> np.ndarray:
-    """N×14 float32 0/1 labels, image ``i``'s set drawn from the NIH combination table."""
-    sets, _ = combo_table()
-    cdf = np.cumsum(combo_probabilities(temperature))
+def sample_labels(n: int, seed: int = 0, temperature: float = 1.0, labels: str = "nih14") -> np.ndarray:
+    """N×14 float32 0/1 labels, image ``i``'s set drawn from the combination table of ``labels``."""
+    sets, _ = combo_table(labels)
+    cdf = np.cumsum(combo_probabilities(temperature, labels))
     u = _rng(seed, _LABELS).random(n)
     index = np.minimum(np.searchsorted(cdf, u, side="right"), len(cdf) - 1)
     return sets[index].astype(np.float32)
 
 
-def sample_views(labels: np.ndarray, seed: int = 0) -> np.ndarray:
-    """"PA" or "AP" per image, AP more likely with a finding (NIH's rates; ~40 % AP overall)."""
-    p_ap = np.where(labels.any(axis=1), _P_AP[True], _P_AP[False])
+def sample_views(labels: np.ndarray, seed: int = 0, label_names: str = "nih14") -> np.ndarray:
+    """"PA" or "AP" per image, AP more likely with a finding (NIH's rates, ~40 % AP overall, or
+    CheXpert's, ~84 %)."""
+    names = label_set(label_names).names
+    finding = np.asarray(labels)[:, [j for j, name in enumerate(names) if name != NO_FINDING]].any(axis=1)
+    rates = _P_AP[label_names]
+    p_ap = np.where(finding, rates[True], rates[False])
     return np.where(_rng(seed, _VIEWS).random(len(labels)) < p_ap, "AP", "PA")
 
 
@@ -251,7 +342,15 @@ class _Chest:
         ]
         self.lung_dark = 0.27 + 0.07 * anatomy[9]
         self.markings = 1.0
+        self.mediastinum_extra = 0.0                          # widening (Enlarged Cardiomediastinum)
         self.density = np.zeros_like(self.x)
+
+    def mediastinum(self, extra: float = 0.0) -> np.ndarray:
+        """The (upper) mediastinum, widened by ``extra`` on each side."""
+        width = 0.09 + 0.03 * self.a[4]
+        if extra:
+            width = width + extra
+        return _ramp(width - np.abs(self.x - 0.02), self.edge) * _ramp(0.2 - self.y, 0.2)
 
     def layout(self) -> None:
         """Lung fields, their normalised radii and the heart, after findings changed the geometry."""
@@ -268,6 +367,8 @@ class _Chest:
                     angle=-0.3)
         self.heart = _ramp(1 - r, self.edge / 0.2)
         hidden = 1 - 0.85 * self.heart                        # lung behind the heart shows little
+        if self.mediastinum_extra:                            # a wide mediastinum hides the medial lungs
+            hidden = hidden * (1 - 0.85 * self.mediastinum(self.mediastinum_extra))
         self.open_masks = [m * hidden for m in self.masks]
         self.open_lung = self.lung * hidden
 
@@ -280,7 +381,7 @@ class _Chest:
         half_width = 0.84 + 0.1 * a[0]
         body = _ramp(1 - ((x / half_width) ** 4 + ((y - 0.3) / 1.4) ** 4) ** 0.25, 0.04)
         heart = self.heart
-        mediastinum = _ramp(0.09 + 0.03 * a[4] - np.abs(x - 0.02), self.edge) * _ramp(0.2 - y, 0.2)
+        mediastinum = self.mediastinum(self.mediastinum_extra)
         spine = _ramp(0.055 - np.abs(x - 0.01 * (a[6] - 0.5)), self.edge)
         vertebrae = 0.6 + 0.4 * np.cos(2 * np.pi * y / 0.14)
         period = 0.15 + 0.04 * a[7]
@@ -454,6 +555,98 @@ def _draw_hernia(c: _Chest, u) -> None:
     c.density += _sev(u, 0.1, 0.18) * (-gas + 0.4 * wall)
 
 
+# CheXpert observations without an NIH drawing of their own.
+
+def _shape_enlarged_cardiomediastinum(c: _Chest, u) -> None:
+    c.mediastinum_extra += _sev(u, 0.05, 0.12)                  # widened upper mediastinum
+    c.heart_scale *= 1 + _sev(u, 0.0, 0.1) * (u[1] < 0.5)        # sometimes with a larger heart too
+
+
+def _draw_enlarged_cardiomediastinum(c: _Chest, u) -> None:
+    c.density += _sev(u, 0.04, 0.08) * c.mediastinum(c.mediastinum_extra) * c.lung
+
+
+def _draw_lung_opacity(c: _Chest, u) -> None:
+    """A hazy, smooth (ground-glass) opacity in one lung or both: softer and wider than
+    consolidation, without infiltration's texture."""
+    sides = (int(u[1] < 0.5),) if u[2] < 0.6 else (0, 1)
+    envelope = np.zeros_like(c.x)
+    for side in sides:
+        px, py = c.lungs[side].point(u[3], u[4], 0.25, 0.95)
+        envelope += _blob(c.x, c.y, px, py, 0.16 + 0.16 * u[5])
+    haze = np.minimum(envelope, 1) * (0.8 + 0.2 * np.clip(c.fields[0], -1, 1))
+    c.density += _sev(u, 0.08, 0.16) * haze * c.open_lung
+
+
+def _draw_lung_lesion(c: _Chest, u) -> None:
+    (_draw_nodule if u[7] < 0.5 else _draw_mass)(c, u)
+
+
+def _draw_pleural_other(c: _Chest, u) -> None:
+    """Pleural thickening, or calcified pleural plaques: short, bright streaks along the lateral
+    chest wall or the diaphragm."""
+    if u[7] < 0.5:
+        _draw_pleural_thickening(c, u)
+        return
+    for k in range(2 + int(u[8] * 3)):
+        lung = c.lungs[int((u[1] + 0.37 * k) % 1 < 0.5)]
+        t = (u[2] + 0.29 * k) % 1
+        if u[3] < 0.5:   # lateral wall
+            px, py = lung.cx + lung.lateral * lung.a * 0.92, lung.cy - lung.b * (0.5 - t)
+            r = _radius(c.x, c.y, px, py, 0.02, 0.07)
+        else:            # diaphragm
+            px, py = lung.cx + lung.lateral * lung.a * (t - 0.4), lung.base - lung.dome * 0.8
+            r = _radius(c.x, c.y, px, py, 0.07, 0.02)
+        c.density += _sev(u, 0.12, 0.22) * _ramp(1 - r, 0.5)
+
+
+def _draw_fracture(c: _Chest, u) -> None:
+    """A healing rib fracture on the lateral chest wall: a bright callus across a rib and a thin
+    dark fracture gap through it."""
+    lung = c.lungs[int(u[1] < 0.5)]
+    py = lung.cy - lung.b * (0.6 - 1.0 * u[2])
+    px = lung.cx + lung.lateral * lung.a * (0.75 + 0.2 * u[3])
+    r = 0.03 + 0.02 * u[4]
+    callus = _ramp(1 - _radius(c.x, c.y, px, py, r * 1.4, r), 0.4)
+    angle = (u[5] - 0.5) * 1.2
+    gap = np.exp(-(((c.x - px) * np.cos(angle) + (c.y - py) * np.sin(angle)) / 0.012) ** 2) * callus
+    c.density += _sev(u, 0.12, 0.22) * callus - _sev(u, 0.06, 0.1) * gap
+
+
+def _tube(c: _Chest, points, width: float) -> np.ndarray:
+    """A thin line along a polyline through ``points`` (x, y pairs): a catheter or tube."""
+    out = np.zeros_like(c.x)
+    for (x0, y0), (x1, y1) in zip(points[:-1], points[1:]):
+        dx, dy = x1 - x0, y1 - y0
+        t = np.clip(((c.x - x0) * dx + (c.y - y0) * dy) / (dx * dx + dy * dy), 0, 1)
+        dist = np.hypot(c.x - x0 - t * dx, c.y - y0 - t * dy)
+        out = np.maximum(out, np.exp(-(dist / width) ** 2))
+    return out
+
+
+def _draw_support_devices(c: _Chest, u) -> None:
+    """Radio-opaque lines and devices: an endotracheal tube, a central venous catheter from the
+    clavicle region to the superior vena cava, or a pacemaker box with its lead into the heart
+    (at least one; several at once as in ICU films)."""
+    amp, width = _sev(u, 0.25, 0.4), 0.012 + 0.006 * u[1]
+    kinds = [u[2] < 0.5, u[3] < 0.5, u[4] < 0.25]
+    if not any(kinds):
+        kinds[int(u[5] * 3)] = True
+    lines = np.zeros_like(c.x)
+    if kinds[0]:   # endotracheal tube: down the trachea, tip above the carina
+        tip = -0.45 + 0.15 * u[6]
+        lines = np.maximum(lines, _tube(c, [(0.02, -1.1), (0.02 + 0.02 * (u[7] - 0.5), tip)], width * 1.5))
+    if kinds[1]:   # central line from either side
+        side = -1 if u[8] < 0.5 else 1
+        start = (side * (0.55 + 0.15 * u[9]), -0.75)
+        lines = np.maximum(lines, _tube(c, [start, (side * 0.12, -0.55), (0.05, -0.3 + 0.1 * u[10])], width))
+    if kinds[2]:   # pacemaker: a box below the left clavicle, lead into the right ventricle
+        box = (np.abs(c.x - 0.55) < 0.07) & (np.abs(c.y + 0.6) < 0.05)
+        lines = np.maximum(lines, box.astype(np.float32))
+        lines = np.maximum(lines, _tube(c, [(0.55, -0.6), (0.15, -0.45), (0.05, -0.1), (0.15, 0.2)], width))
+    c.density += amp * lines
+
+
 _SHAPE = {"Atelectasis": _shape_atelectasis, "Cardiomegaly": _shape_cardiomegaly,
           "Emphysema": _shape_emphysema, "Fibrosis": _shape_fibrosis}
 _DRAW = {
@@ -463,6 +656,25 @@ _DRAW = {
     "Edema": _draw_edema, "Emphysema": _draw_emphysema, "Fibrosis": _draw_fibrosis,
     "Pleural_Thickening": _draw_pleural_thickening, "Hernia": _draw_hernia,
 }
+# CheXpert observation -> (shape, draw); the NIH drawing where the two vocabularies share a finding
+_CHEXPERT_PARTS = {
+    "No Finding": (None, None),
+    "Enlarged Cardiomediastinum": (_shape_enlarged_cardiomediastinum, _draw_enlarged_cardiomediastinum),
+    "Cardiomegaly": (_shape_cardiomegaly, None),
+    "Lung Opacity": (None, _draw_lung_opacity),
+    "Lung Lesion": (None, _draw_lung_lesion),
+    "Edema": (None, _draw_edema),
+    "Consolidation": (None, _draw_consolidation),
+    "Pneumonia": (None, _draw_pneumonia),
+    "Atelectasis": (_shape_atelectasis, _draw_atelectasis),
+    "Pneumothorax": (None, _draw_pneumothorax),
+    "Pleural Effusion": (None, _draw_effusion),
+    "Pleural Other": (None, _draw_pleural_other),
+    "Fracture": (None, _draw_fracture),
+    "Support Devices": (None, _draw_support_devices),
+}
+_PARTS = {"nih14": {name: (_SHAPE.get(name), _DRAW[name]) for name in NIH14.names},
+          "chexpert14": _CHEXPERT_PARTS}
 
 
 def _distractors(c: _Chest, u) -> None:
@@ -478,26 +690,30 @@ def _distractors(c: _Chest, u) -> None:
 
 
 def render(i: int, labels, seed: int = 0, size: int = 64, patient: int | None = None,
-           view: str = "PA") -> np.ndarray:
-    """Image ``i`` of the synthetic set ``seed`` drawn with the 14 NIH ``labels`` (0/1), float32
-    size×size in [0, 1]. ``patient`` (default ``i``) fixes the shared anatomy."""
+           view: str = "PA", label_set: str = "nih14") -> np.ndarray:
+    """Image ``i`` of the synthetic set ``seed`` drawn with the 14 ``labels`` (0/1) of ``label_set``
+    (NIH's by default, or ``chexpert14``), float32 size×size in [0, 1]. ``patient`` (default ``i``)
+    fixes the shared anatomy."""
     labels = np.asarray(labels, dtype=bool)
+    parts = _PARTS[label_set]
+    names = LABEL_SETS[label_set][0].names
     anatomy = _rng(seed, _ANATOMY, i if patient is None else int(patient)).random(12, dtype=np.float32)
     rng = _rng(seed, _IMAGE, i)
     jitter, look, extra = (rng.random(k, dtype=np.float32) for k in (4, 4, 9))
-    finding_u = rng.random((len(NIH14), 12), dtype=np.float32)
+    finding_u = rng.random((14, 12), dtype=np.float32)   # 14 rows whatever the labels: same streams
     noise = rng.standard_normal((3, 12, 12), dtype=np.float32) * 0.6
     pixel_noise = rng.standard_normal((size, size), dtype=np.float32)
     chest = _Chest(size, anatomy, jitter, noise, ap=view == "AP")
-    present = [(name, finding_u[j]) for j, name in enumerate(NIH14.names) if labels[j]]
-    for name, u in present:
-        if name in _SHAPE:
-            _SHAPE[name](chest, u)
+    present = [(parts[name], finding_u[j]) for j, name in enumerate(names) if labels[j]]
+    for (shape, _), u in present:
+        if shape is not None:
+            shape(chest, u)
     chest.layout()
     chest.draw_anatomy()
     _distractors(chest, extra)
-    for name, u in present:
-        _DRAW[name](chest, u)
+    for (_, draw), u in present:
+        if draw is not None:
+            draw(chest, u)
     return chest.finish(look, pixel_noise).astype(np.float32, copy=False)
 
 
@@ -506,20 +722,25 @@ def render(i: int, labels, seed: int = 0, size: int = 64, patient: int | None = 
 class SyntheticReader:
     """``Records.reader`` of a synthetic set: row ``i`` → its rendered image (picklable)."""
 
-    def __init__(self, seed: int, size: int, labels: np.ndarray, patients: np.ndarray, views: np.ndarray):
-        self.seed, self.size = seed, size
+    def __init__(self, seed: int, size: int, labels: np.ndarray, patients: np.ndarray, views: np.ndarray,
+                 label_set: str = "nih14"):
+        self.seed, self.size, self.label_set = seed, size, label_set
         self.labels, self.patients, self.views = labels.astype(bool), patients, views
 
     def __call__(self, i: int) -> np.ndarray:
-        return render(i, self.labels[i], self.seed, self.size, int(self.patients[i]), str(self.views[i]))
+        return render(i, self.labels[i], self.seed, self.size, int(self.patients[i]), str(self.views[i]),
+                      self.label_set)
 
 
-def make_records(n: int, seed: int = 0, size: int = 64, temperature: float = 1.0) -> Records:
+def make_records(n: int, seed: int = 0, size: int = 64, temperature: float = 1.0,
+                 labels: str = "nih14") -> Records:
     """Records of ``n`` synthetic images (labels and metadata; images rendered on read)."""
     _check(n, seed, size)
-    labels = sample_labels(n, seed, temperature)
+    space = label_set(labels)
+    label_set_name = labels
+    labels = sample_labels(n, seed, temperature, label_set_name)
     patients, follow_up = sample_patients(n, seed)
-    views = sample_views(labels, seed)
+    views = sample_views(labels, seed, label_set_name)
     patient_id = pd.Series([f"s{seed}p{p:06d}" for p in patients], dtype="str")
     meta = pd.DataFrame({
         "path": pd.Series([f"synthetic://{seed}/{i}" for i in range(n)], dtype="str"),
@@ -528,12 +749,14 @@ def make_records(n: int, seed: int = 0, size: int = 64, temperature: float = 1.0
         "view": pd.Series(views, dtype="str"),
         "frontal_lateral": pd.Series(["frontal"] * n, dtype="str"),
     })
-    return Records("synthetic", NIH14, labels, meta, SyntheticReader(seed, size, labels, patients, views))
+    reader = SyntheticReader(seed, size, labels, patients, views, label_set_name)
+    return Records("synthetic", space, labels, meta, reader)
 
 
-def generate(n: int, size: int = 64, seed: int = 0, temperature: float = 1.0) -> tuple[np.ndarray, Records]:
+def generate(n: int, size: int = 64, seed: int = 0, temperature: float = 1.0,
+             labels: str = "nih14") -> tuple[np.ndarray, Records]:
     """``n`` rendered images (float32 N×size×size in [0, 1]) and their Records."""
-    records = make_records(n, seed, size, temperature)
+    records = make_records(n, seed, size, temperature, labels)
     images = np.empty((n, size, size), dtype=np.float32)
     for i in range(n):
         images[i] = records.read(i)
@@ -547,11 +770,11 @@ def load_synthetic(spec: str) -> Records:
 
 
 def parse_spec(spec: str) -> dict:
-    """``"3000,seed=1"`` → {"n": 3000, "seed": 1, "size": 64, "temperature": 1.0}."""
+    """``"3000,seed=1"`` → {"n": 3000, "seed": 1, "size": 64, "temperature": 1.0, "labels": "nih14"}."""
     parts = [p.strip() for p in str(spec).split(",")]
-    where = f"synthetic source {spec!r} (expected N[,seed=S][,size=PX][,temperature=T])"
+    where = f"synthetic source {spec!r} (expected N[,seed=S][,size=PX][,temperature=T][,labels=nih14|chexpert14])"
     n = _number(parts[0], int, "N", where) if parts[0] else DEFAULT_N
-    out = {"n": n, "seed": 0, "size": 64, "temperature": 1.0}
+    out = {"n": n, "seed": 0, "size": 64, "temperature": 1.0, "labels": "nih14"}
     for part in parts[1:]:
         key, eq, value = part.partition("=")
         key = key.strip().lower()
@@ -560,6 +783,11 @@ def parse_spec(spec: str) -> dict:
             raise CxrlabError(f"{where}: bad option {part!r}"
                               + (f"; did you mean {hint!r}?" if hint else "")
                               + f" (options: {', '.join(k + '=' for k in SPEC_KEYS)})")
+        if key == "labels":
+            if value.strip() not in LABEL_SETS:
+                raise unknown(f"{where}: label set", value.strip(), tuple(LABEL_SETS))
+            out[key] = value.strip()
+            continue
         out[key] = _number(value.strip(), float if key == "temperature" else int, key, where)
     _check(out["n"], out["seed"], out["size"])
     if not out["temperature"] > 0:
