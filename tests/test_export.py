@@ -350,3 +350,26 @@ def test_write_heatmaps_methods(exported, fixtures, tmp_path):
         write_heatmaps(ckpt, fixtures[:1], tmp_path, labels=["Effusion"])
     with pytest.raises(CxrlabError, match="unknown heatmap method 'gradcam\\+\\+'"):
         write_heatmaps(ckpt, fixtures[:1], tmp_path, method="gradcam++")
+
+
+def test_ensemble_export(exported, fixtures, tmp_path):
+    pytest.importorskip("cxrlab.ensemble")
+    from cxrlab.data.images import read_image
+    from cxrlab.ensemble import build_ensemble
+    from cxrlab.inference.export import export_onnx
+    from cxrlab.inference.heatmaps import label_heatmaps
+    from cxrlab.inference.onnx_predictor import OnnxPredictor
+    from cxrlab.inference.predictor import Predictor
+
+    folder = build_ensemble([exported["linear"][0], exported["lcl"][0]], tmp_path / "ens", weights=[1, 3])
+    sidecar = export_onnx(folder, tmp_path / "ens.onnx", check=fixtures)
+    assert sidecar["parity"]["max_abs_diff"] <= 1e-4 and sidecar["head"] == "ensemble"
+    assert len(sidecar["members"]) == 2 and set(sidecar["outputs"]) == {"probabilities", "logits", "maps"}
+    predictor = Predictor.from_checkpoint(folder, device="cpu")
+    ours = OnnxPredictor(tmp_path / "ens.onnx")
+    np.testing.assert_allclose(ours.predict_files(fixtures), predictor.predict_files(fixtures, workers=0), atol=1e-4)
+    fitted = ours.fit_size(read_image(fixtures[2]))
+    probs, maps = ours.native_heatmaps(fitted)
+    t_probs, t_maps = label_heatmaps(predictor.model, torch.from_numpy(fitted).float().div(255)[None, None])
+    np.testing.assert_allclose(probs, t_probs[0], atol=1e-4)
+    np.testing.assert_allclose(maps, t_maps[0], atol=1e-4)

@@ -272,3 +272,22 @@ def test_cli_serve_defaults_and_refusal(model_files, tmp_path, capsys):
     shutil.copy(model_files[1], model)  # no sidecar beside it
     assert main(["serve", str(model), "--port", str(free_port())]) == 2
     assert f"ONNX sidecar missing: {model}.json" in capsys.readouterr().err
+
+
+def test_ensemble_checkpoint_backend(tmp_path, shared_data):
+    pytest.importorskip("cxrlab.ensemble")
+    from cxrlab.data.images import read_image
+    from cxrlab.ensemble import build_ensemble
+    from cxrlab.inference.predictor import Predictor
+    from cxrlab.inference.server import TorchBackend
+
+    members = [tiny_checkpoint(tmp_path / "a", "linear"), tiny_checkpoint(tmp_path / "b", "prototype", seed=1)]
+    folder = build_ensemble(members, tmp_path / "ens")
+    backend = TorchBackend(folder, threads=1)
+    assert backend.identity["head"] == "ensemble"
+    assert backend.methods == ("gradcam", "gradcampp")  # the prototype member has no native maps
+    fitted = backend.fit(read_image(shared_data / "nih" / "00000001_000.png"))
+    np.testing.assert_allclose(backend.predict(fitted[None]),
+                               Predictor.from_checkpoint(folder, device="cpu").predict_cached(fitted[None]), atol=1e-6)
+    probs, cam = backend.heatmap(fitted, 1, "gradcam")
+    assert cam.shape == (64, 64) and 0 <= cam.min() and cam.max() <= 1 + 1e-6

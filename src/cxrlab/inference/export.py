@@ -34,7 +34,9 @@ OPSET = 17
 
 
 class ExportGraph(nn.Module):
-    """``x -> (probabilities, logits[, maps])`` of a CxrModel, as exported."""
+    """``x -> (probabilities, logits[, maps])`` of a CxrModel or an ensemble (:mod:`cxrlab.ensemble`), as
+    exported. An ensemble's ``maps`` are the weighted mean of its members' maps, each upsampled to the
+    input and scaled to [0, 1] in the graph (as :func:`cxrlab.ensemble.ensemble_heatmaps` does)."""
 
     def __init__(self, model: nn.Module, size: int, temperature=None):
         super().__init__()
@@ -48,17 +50,45 @@ class ExportGraph(nn.Module):
             self.has_maps = self._maps(torch.zeros(2, 1, size, size))[1] is not None
 
     def _maps(self, x):
+        if hasattr(self.model, "members"):
+            return self._ensemble(x)
         fmap = self.model.features(x)
         out = self.model.head(fmap)
-        return out, self._native_maps(self.model, fmap, out)
+        return out.logits, self._native_maps(self.model, fmap, out)
+
+    def _ensemble(self, x):
+        """EnsembleModel.forward with each member run once for both the probabilities and the maps
+        (the parity check compares the result with EnsembleModel.forward itself)."""
+        import torch.nn.functional as F
+
+        ens, probs, maps = self.model, [], []
+        for k, member in enumerate(ens.members):
+            fmap = member.features(x)
+            out = member.head(fmap)
+            cols = ens.member_columns(k)
+            probs.append(torch.sigmoid(out.logits.float()[:, cols]))
+            raw = self._native_maps(member, fmap, out)
+            if raw is not None:
+                m = F.interpolate(raw[:, cols], size=x.shape[-2:], mode="bilinear", align_corners=False)
+                low, high = m.amin(dim=(2, 3), keepdim=True), m.amax(dim=(2, 3), keepdim=True)
+                maps.append((m - low) / (high - low).clamp_min(1e-12) * ens.weights[k])
+        p = (torch.stack(probs, dim=1) * ens.weights[None, :, None]).sum(1).clamp(ens.eps, 1 - ens.eps)
+        total = sum(maps[1:], maps[0]) if len(maps) == len(ens.members) else None
+        return torch.log(p) - torch.log1p(-p), total
+
+    def _scaled(self, logits):
+        logits = logits.float()
+        return logits / self.temperature if self.temperature.numel() else logits
 
     def forward(self, x: torch.Tensor):
-        out, maps = self._maps(x)
-        logits = out.logits.float()
-        if self.temperature.numel():
-            logits = logits / self.temperature
+        logits, maps = self._maps(x)
+        logits = self._scaled(logits)
         probs = torch.sigmoid(logits)
         return (probs, logits, maps) if self.has_maps else (probs, logits)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The probabilities of the model's own forward (what the export must reproduce)."""
+        return torch.sigmoid(self._scaled(self.model(x).logits))
 
 
 @contextlib.contextmanager
@@ -146,16 +176,21 @@ def export_onnx(checkpoint, out, check: list | None = None, tolerance: float = T
                               f"on {len(images)} images; nothing was written")
         weights_file = STATE_FILE if info.get("ema") else MODEL_FILE
         m = info["recipe"]["model"]
+        weights = {"weights_file": weights_file + (" (EMA weights)" if info.get("ema") else ""),
+                   "weights_sha256": info.get("files", {}).get(weights_file, {}).get("sha256"), "head": m.get("head")}
+        if info.get("kind") == "ensemble":  # its checkpoint.json lists every member's files and SHA-256
+            weights = {"weights_file": f"{len(info['members'])} ensemble members (see members)",
+                       "weights_sha256": None, "head": "ensemble",
+                       "members": [{"path": e["path"], "weight": e["weight"], "sha256": e["sha256"]}
+                                   for e in info["members"]]}
         sidecar = {
             "format": SIDECAR_FORMAT, "version": SIDECAR_VERSION, "cxrlab_version": __version__,
             "exporter": f"torch.onnx.export (TorchScript tracer, dynamo=False), opset {opset}",
             "torch_version": torch.__version__, "onnx_version": onnx.__version__,
             "onnxruntime_version": ort.__version__,
             "model_file": out.name, "model_sha256": sha256_file(tmp),
-            "checkpoint": str(folder), "weights_file": weights_file + (" (EMA weights)" if info.get("ema") else ""),
-            "weights_sha256": info.get("files", {}).get(weights_file, {}).get("sha256"),
-            "checkpoint_json_sha256": sha256_file(folder / INFO_FILE),
-            "head": m.get("head"), "backbones": [b.name for b in _backbones(model)],
+            "checkpoint": str(folder), **weights, "checkpoint_json_sha256": sha256_file(folder / INFO_FILE),
+            "backbones": [b.name for b in _backbones(model)],
             "labels": list(info["labels"]),
             "thresholds": [float(t) for t in (info.get("thresholds") or [0.5] * len(info["labels"]))],
             "threshold_source": threshold_source(info),
@@ -182,21 +217,25 @@ def export_onnx(checkpoint, out, check: list | None = None, tolerance: float = T
 
 
 def _backbones(model) -> list:
+    if hasattr(model, "members"):  # an ensemble
+        return [b for member in model.members for b in _backbones(member)]
     backbone = model.backbone
     return list(backbone) if isinstance(backbone, nn.ModuleList) else [backbone]
 
 
 def _parity(graph: ExportGraph, path: Path, images: np.ndarray, names: list[str], tolerance: float) -> dict:
-    """Max |ORT - eager| of the probabilities (whole batch and batch 1) and of the raw maps."""
+    """Max |ORT - eager| of the probabilities (whole batch and batch 1; eager: the model's own forward)
+    and of the raw maps (eager: the exported graph)."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     x = images.astype(np.float32)[:, None] / np.float32(255.0)
     with torch.no_grad():
         eager = [t.numpy() for t in graph(torch.from_numpy(x))]
+        reference = graph.reference(torch.from_numpy(x)).numpy()
     ours = session.run(names, {INPUT_NAME: x})
     single = session.run(["probabilities"], {INPUT_NAME: x[:1]})[0]
-    prob_diff = max(float(np.abs(ours[0] - eager[0]).max()), float(np.abs(single - eager[0][:1]).max()))
+    prob_diff = max(float(np.abs(ours[0] - reference).max()), float(np.abs(single - reference[:1]).max()))
     result = {"max_abs_diff": prob_diff, "n": int(len(images)), "batch_sizes": [1, int(len(images))],
               "tolerance": tolerance}
     if "maps" in names:

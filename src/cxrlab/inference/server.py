@@ -100,12 +100,15 @@ class TorchBackend:
                          "head": model.get("head"), "backbones": model.get("backbones") or [model.get("backbone")]}
         self.runtime = f"torch {torch.__version__}"
         self._cam_lock = threading.Lock()
-        with torch.no_grad():
-            x = torch.zeros(1, 1, self.image_size, self.image_size)
-            fmap = p.model.features(x)
-            from .heatmaps import native_maps
+        from .heatmaps import label_heatmaps
 
-            has_native = native_maps(p.model, fmap, p.model.head(fmap)) is not None
+        try:  # native maps for this head (or every member of an ensemble)?
+            label_heatmaps(p.model, torch.zeros(1, 1, self.image_size, self.image_size))
+            has_native = True
+        except CxrlabError:
+            has_native = False
+        if info.get("kind") == "ensemble":
+            self.identity["head"] = "ensemble"
         self.methods = (("native",) if has_native else ()) + ("gradcam", "gradcampp")
 
     def fit(self, image: np.ndarray) -> np.ndarray:
