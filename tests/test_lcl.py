@@ -379,3 +379,33 @@ def test_learns_synthetic_cooccurring_labels(name):
     assert auc > 0.7
     g_final = out.extras["correlation"]
     torch.testing.assert_close(g_final.sum(-1), torch.ones(4))
+
+
+# ----------------------------------------------------------------------------------------- diagnostics
+
+def test_epoch_stats_measure_collapse_and_focus_by_hand():
+    head = make_head("lcl", correlation_source="learned")
+    with torch.no_grad():
+        head.correlation_logits.zero_()                       # uniform G: no collapse
+    stats = head.epoch_stats()
+    assert stats["g_row_entropy"] == pytest.approx(1.0) and stats["g_top_label_share"] == pytest.approx(1 / C)
+    assert "attention_entropy" not in stats                   # no training batch seen yet
+    with torch.no_grad():
+        head.correlation_logits.fill_(-30.0)
+        head.correlation_logits[:, 2] = 30.0                  # every label attends to label 2: collapse
+    stats = head.epoch_stats()
+    assert stats["g_row_entropy"] == pytest.approx(0.0, abs=1e-6) and stats["g_top_label_share"] == pytest.approx(1.0)
+    head.train()
+    with torch.no_grad():
+        head.spatial_weight.zero_()                           # uniform maps: entropy log(hw) -> 1
+    head(fmap())
+    assert head.epoch_stats()["attention_entropy"] == pytest.approx(1.0, abs=1e-6)
+    with torch.no_grad():
+        head.spatial_weight.fill_(50.0)
+    x = torch.zeros(2, D, 3, 4)
+    x[:, :, 1, 2] = 1.0                                       # one hot cell: maps put all weight there
+    head(x)
+    assert head.epoch_stats()["attention_entropy"] == pytest.approx(0.0, abs=1e-4)
+    head.eval()
+    head(fmap())                                              # evaluation batches are not counted
+    assert "attention_entropy" not in head.epoch_stats()

@@ -168,6 +168,9 @@ class Trainer:
         if val_loader is not None:
             row.update(self.validate(val_loader))
         stats = self.regime.epoch_stats() if hasattr(self.regime, "epoch_stats") else {}
+        head = getattr(self.model, "head", None)
+        if hasattr(head, "epoch_stats"):  # per-epoch diagnostics of a head (e.g. LCL's G and maps)
+            stats = {**(stats or {}), **head.epoch_stats()}
         stats = dist_mean({k: float(v) for k, v in (stats or {}).items() if isinstance(v, (int, float, np.number))})
         row.update(stats)
         row["_stat_keys"] = list(stats)

@@ -40,6 +40,12 @@ Options that are our reconstructions, not the paper's ([ours] in the spec):
 * ``learned`` G only moves through a loss that does not detach it: use it with
   ``lcl_consistency: {detach_g: false}`` (lcl_supcon always detaches G), else it stays uniform.
 * Under DDP the EMA buffer is rank 0's (DDP broadcasts buffers before every forward).
+
+Diagnostics (:meth:`_LabelLevelHead.epoch_stats`, logged per epoch by the trainer): whether G collapses
+(``g_row_entropy``: mean entropy of G's rows / log C, 1 = uniform, 0 = one-hot; ``g_top_label_share``:
+the share of all of G's attention that goes to the single most attended label, 1/C if even) and whether
+the class-wise maps focus (``attention_entropy``: mean entropy of the ``attention`` maps over the
+training batches / log(h·w), 1 = uniform over the map, i.e. global average pooling).
 """
 from __future__ import annotations
 
@@ -167,6 +173,30 @@ class _LabelLevelHead(nn.Module):
         self.register_load_state_dict_post_hook(_mark_cooccurrence_loaded)
         if correlation_source == "learned":
             self.correlation_logits = nn.Parameter(torch.zeros(num_labels, num_labels))
+        self._map_entropy = [0.0, 0]  # running sum and count of normalised attention-map entropies
+
+    @torch.no_grad()
+    def _record_maps(self, maps: torch.Tensor) -> None:
+        n = maps.shape[-1] * maps.shape[-2]
+        if self.training and n > 1:
+            p = maps.detach().float().flatten(2)
+            entropy = -(torch.xlogy(p, p)).sum(-1) / math.log(n)  # B×C, in [0, 1]
+            self._map_entropy[0] += float(entropy.mean())
+            self._map_entropy[1] += 1
+
+    @torch.no_grad()
+    def epoch_stats(self) -> dict:
+        """G's row entropy and top-label share now, and the mean attention-map entropy over the
+        training batches since the last call (then reset); see the module notes."""
+        g = self.correlation().detach().float().cpu()
+        c = g.shape[0]
+        rows = -(torch.xlogy(g, g)).sum(-1) / math.log(c)
+        out = {"g_row_entropy": float(rows.mean()), "g_top_label_share": float(g.sum(0).max() / g.sum())}
+        total, count = self._map_entropy
+        if count:
+            out["attention_entropy"] = total / count
+        self._map_entropy = [0.0, 0]
+        return out
 
     @torch.no_grad()
     def set_cooccurrence(self, matrix) -> None:
@@ -213,6 +243,7 @@ class _LabelLevelHead(nn.Module):
         return updated
 
     def _finish(self, tokens: torch.Tensor, maps: torch.Tensor, fmap: torch.Tensor) -> Output:
+        self._record_maps(maps)
         label_features, label_attention = self.correlation_block(tokens)
         ema = self._track(label_attention)
         correlation = ema if self.correlation_source == "attention" else self.correlation()
