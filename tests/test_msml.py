@@ -288,3 +288,15 @@ def test_no_finding_output_added_by_the_policy():
     np.testing.assert_array_equal(result.target[:, 2], [0, 1, 0, 0, 0])
     np.testing.assert_array_equal(result.mask[:, 2], [1, 1, 0, 0, 1])  # unknown when no positive is seen
     assert apply_policy(values[:2], space, "full", add_no_finding=False).labels.names == ("a", "b")
+
+
+def test_heatmaps_of_a_bilinear_head_say_why_native_fails_and_gradcam_works():
+    from cxrlab.inference.heatmaps import gradcam_maps, label_heatmaps
+    from cxrlab.models import build_model
+
+    model = build_model("test_resnet", "bilinear", 3, head_args={"dim": 8}).eval()
+    x = torch.rand(2, 1, 32, 32)
+    with pytest.raises(CxrlabError, match="head 'bilinear' has no class activation map.*method gradcam"):
+        label_heatmaps(model, x)
+    maps = gradcam_maps(model, x, [0, 2])
+    assert maps.shape == (2, 32, 32) and np.isfinite(maps).all()

@@ -245,6 +245,10 @@ def load_model(checkpoint: Path, ema: bool | None = None):
 
     folder = find_checkpoint(checkpoint)
     info = read_info(folder)
+    if info.get("kind") == "ensemble":  # a folder from `cxrlab ensemble`: one module over its members
+        from .ensemble import load_ensemble
+
+        return load_ensemble(folder, info), info
     try:
         m = info["recipe"]["model"]
         labels = info["labels"]

@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .prototypes import add_prototypes_command
 
     add_prototypes_command(sub)
+    from .ensemble import add_ensemble_command
+
+    add_ensemble_command(sub)
 
     p = sub.add_parser("train", help="train one model from a recipe; writes checkpoints and a test report")
     _recipe_args(p)

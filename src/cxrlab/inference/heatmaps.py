@@ -4,7 +4,9 @@ Heads that decompose the image into label features (``lcl``, ``label_query``) re
 spatial attention in ``Output.extras['attention']``: those maps are the heatmaps. For the global-pool
 ``linear`` head the class activation map is used instead (Zhou et al., "Learning Deep Features for
 Discriminative Localization", CVPR 2016): ``CAM_c = w_c · F``, the classifier applied at every location
-of the feature map before pooling.
+of the feature map before pooling. The ``bilinear`` head has no native map (its classifier reads
+``vec(F Fᵀ/hw)``, statistics of the whole map, not one score per location): it takes Grad-CAM. An
+ensemble's map is the weighted mean of its members' maps.
 """
 from __future__ import annotations
 
@@ -36,12 +38,18 @@ def native_maps(model, fmap, out) -> torch.Tensor | None:
 def label_heatmaps(model, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """``x`` B×1×H×W in [0, 1] → (probabilities B×L, heatmaps B×L×H×W scaled to [0, 1] per map)."""
     model.eval()
+    if hasattr(model, "members"):  # an ensemble (cxrlab.ensemble): the weighted mean of its members' maps
+        from ..ensemble import ensemble_heatmaps
+
+        return ensemble_heatmaps(model, x, label_heatmaps)
     fmap = model.features(x)
     out = model.head(fmap)
     maps = native_maps(model, fmap, out)
     if maps is None:
-        raise CxrlabError(f"head {type(model.head).__name__} gives no spatial maps for heatmaps "
-                          "(Grad-CAM works for every head: method gradcam)")
+        # a head may say why it has no native map (bilinear: no per-location classifier)
+        note = getattr(model.head, "heatmap_note", None) or \
+            f"head {type(model.head).__name__} gives no spatial maps for heatmaps"
+        raise CxrlabError(f"{note} (Grad-CAM works for every head: method gradcam)")
     maps = F.interpolate(maps, size=x.shape[-2:], mode="bilinear", align_corners=False)
     low = maps.amin(dim=(2, 3), keepdim=True)
     high = maps.amax(dim=(2, 3), keepdim=True)
@@ -129,6 +137,10 @@ def gradcam_maps(model, x: torch.Tensor, label_indices: list[int], method: str =
         raise unknown("Grad-CAM method", method, ("gradcam", "gradcampp"))
     if len(label_indices) != len(x):
         raise CxrlabError(f"gradcam_maps: {len(x)} images but {len(label_indices)} labels")
+    if hasattr(model, "members"):  # an ensemble: the weighted mean of its members' maps, each in [0, 1]
+        return sum(float(model.weights[k]) * gradcam_maps(
+            member, x, [int(model.member_columns(k)[j]) for j in label_indices], method)
+            for k, member in enumerate(model.members))
     backbone = model.backbone
     layers = list(backbone) if isinstance(backbone, torch.nn.ModuleList) else [backbone]
     cam_class = GradCAM if method == "gradcam" else GradCAMPlusPlus

@@ -33,7 +33,7 @@ from ...registry import HEADS
 SKETCHES = ("tensor_sketch", "random_maclaurin")
 HEATMAP_NOTE = ("head 'bilinear' has no class activation map: its classifier reads vec(F Fᵀ/hw), "
                 "second-order statistics of the whole feature map, not a score per location, so "
-                "w_c · F is not defined. Use a gradient-based map (Grad-CAM) where available.")
+                "w_c · F is not defined; gradient-based maps show where the evidence is")
 
 
 def signed_sqrt(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:

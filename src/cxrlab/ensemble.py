@@ -1,0 +1,181 @@
+"""Ensembles of trained models: one self-describing checkpoint folder that averages probabilities.
+
+Ge et al. (arXiv:1807.07247, 2018; Multimedia Tools and Applications 79, 2020) report that models
+trained with different losses are complementary and gain when fused; ``cxrlab ensemble`` builds the
+fusion as a checkpoint every consumer of checkpoints accepts (predict, evaluate, heatmap, export):
+
+``checkpoint.json``  the usual format, with ``kind: ensemble``, the label names, thresholds, the first
+                     member's recipe (its data section: input size and resize) and ``members``: each
+                     member's folder (relative), weight and the SHA-256 of its files
+``members/K-NAME/``  each member's ``checkpoint.json`` and weights file, hard-linked (else copied)
+
+:func:`cxrlab.checkpoint.load_model` turns the folder into one :class:`EnsembleModel`:
+``p = Σ_k w_k sigmoid(logits_k)`` (weights normalised to sum 1), returned as ``logits = logit(p)`` so
+the Output contract holds. Members must take the same input (``data.image_size``, ``data.resize``);
+their labels are matched by name, and a "No Finding" output that only some members have (added for
+training, e.g. by ``data.add_no_finding``) is left out. The thresholds are the weighted mean of the
+members' (an approximation; refit them on the ensemble with ``cxrlab calibrate``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import CxrlabError
+from .labels import NO_FINDING
+from .output import Output
+
+KIND = "ensemble"
+MEMBERS_DIR = "members"
+
+
+class EnsembleModel(nn.Module):
+    """Weighted mean of member probabilities. ``columns[k]`` picks member k's outputs in the ensemble's
+    label order. ``forward(x) -> Output(logit(p), {"member_probs": B×K×L})``."""
+
+    def __init__(self, members: list[nn.Module], weights, columns: list[list[int]], eps: float = 1e-6):
+        super().__init__()
+        if len(members) != len(weights) or len(members) != len(columns):
+            raise CxrlabError("ensemble: members, weights and label columns differ in number")
+        self.members = nn.ModuleList(members)
+        self.register_buffer("weights", torch.as_tensor(weights, dtype=torch.float32) / float(sum(weights)))
+        for k, cols in enumerate(columns):
+            self.register_buffer(f"columns{k}", torch.as_tensor(cols, dtype=torch.long), persistent=False)
+        self.eps = eps
+
+    def member_columns(self, k: int) -> torch.Tensor:
+        return getattr(self, f"columns{k}")
+
+    def forward(self, x: torch.Tensor) -> Output:
+        probs = torch.stack([torch.sigmoid(m(x).logits.float()[:, self.member_columns(k)])
+                             for k, m in enumerate(self.members)], dim=1)  # B×K×L
+        p = (probs * self.weights[None, :, None]).sum(1).clamp(self.eps, 1 - self.eps)
+        return Output(torch.log(p) - torch.log1p(-p), {"member_probs": probs})
+
+
+def build_ensemble(checkpoints: list, out: Path, weights: list[float] | None = None) -> Path:
+    """Write an ensemble folder at ``out`` from checkpoint (or run) folders; returns ``out``."""
+    from .checkpoint import FORMAT, INFO_FILE, MODEL_FILE, STATE_FILE, VERSION, _sha256, find_checkpoint, read_info
+
+    if not checkpoints:
+        raise CxrlabError("ensemble: give at least one checkpoint")
+    weights = [1.0] * len(checkpoints) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(checkpoints):
+        raise CxrlabError(f"ensemble: {len(weights)} weights for {len(checkpoints)} checkpoints")
+    if any(not np.isfinite(w) or w <= 0 for w in weights):
+        raise CxrlabError(f"ensemble: weights must be positive, got {weights}")
+    folders = [find_checkpoint(Path(c)) for c in checkpoints]
+    infos = [read_info(f) for f in folders]
+    for folder, info in zip(folders, infos):
+        if info.get("kind") == KIND:
+            raise CxrlabError(f"ensemble: {folder} is itself an ensemble; list its members instead")
+    labels = _common_labels(folders, infos)
+    first = infos[0]["recipe"]["data"]
+    for folder, info in zip(folders[1:], infos[1:]):
+        data = info["recipe"]["data"]
+        for key in ("image_size", "resize"):
+            if data.get(key, "pad") != first.get(key, "pad"):
+                raise CxrlabError(f"ensemble: {folder / INFO_FILE} has data.{key} = {data.get(key)!r} but "
+                                  f"{folders[0] / INFO_FILE} has {first.get(key)!r}; members must take the same input")
+    out = Path(out)
+    if out.exists():
+        raise CxrlabError(f"ensemble: {out} already exists; choose a new --out")
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / MEMBERS_DIR).mkdir(parents=True)
+    members, thresholds = [], np.zeros(len(labels))
+    total = sum(weights)
+    try:
+        for k, (folder, info, w) in enumerate(zip(folders, infos, weights)):
+            name = f"{k}-{info.get('recipe', {}).get('name', 'model')}".replace(os.sep, "_")
+            target = tmp / MEMBERS_DIR / name
+            target.mkdir()
+            weights_file = STATE_FILE if info.get("ema") else MODEL_FILE
+            sums = {}
+            for file in (INFO_FILE, weights_file):
+                _link_or_copy(folder / file, target / file)
+                sums[file] = _sha256(target / file)
+            members.append({"path": f"{MEMBERS_DIR}/{name}", "from": str(folder), "weight": w / total,
+                            "sha256": sums})
+            own = np.asarray(info.get("thresholds") or [0.5] * len(info["labels"]), dtype=np.float64)
+            thresholds += w / total * own[[info["labels"].index(n) for n in labels]]
+        ensemble_info = {"format": FORMAT, "version": VERSION, "kind": KIND, "labels": labels,
+                         "thresholds": thresholds.tolist(),
+                         "threshold_source": "weighted mean of the members' thresholds (not refitted)",
+                         "recipe": infos[0]["recipe"], "members": members, "files": {}}
+        (tmp / INFO_FILE).write_text(json.dumps(ensemble_info, indent=1))
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def load_ensemble(folder: Path, info: dict) -> EnsembleModel:
+    """The :class:`EnsembleModel` of an ensemble folder, after checking every member file's SHA-256."""
+    from .checkpoint import _sha256, load_model
+
+    folder = Path(folder)
+    members, weights, columns = [], [], []
+    for entry in info.get("members") or []:
+        path = folder / entry["path"]
+        for file, expected in entry["sha256"].items():
+            if not (path / file).is_file():
+                raise CxrlabError(f"ensemble {folder}: member file missing: {path / file}")
+            if _sha256(path / file) != expected:
+                raise CxrlabError(f"ensemble {folder}: member file {path / file} is corrupt "
+                                  "(SHA-256 differs from the ensemble's checkpoint.json)")
+        model, member_info = load_model(path)
+        try:
+            columns.append([member_info["labels"].index(n) for n in info["labels"]])
+        except ValueError:
+            raise CxrlabError(f"ensemble {folder}: member {path} lacks some of the labels {info['labels']}") from None
+        members.append(model)
+        weights.append(float(entry["weight"]))
+    if not members:
+        raise CxrlabError(f"ensemble {folder}: checkpoint.json lists no members")
+    return EnsembleModel(members, weights, columns).eval()
+
+
+def _common_labels(folders, infos) -> list[str]:
+    """The first member's labels; every member must have the same set, up to a "No Finding" output
+    that not all have (then it is left out)."""
+    core = [set(info["labels"]) - {NO_FINDING} for info in infos]
+    for folder, names in zip(folders[1:], core[1:]):
+        if names != core[0]:
+            raise CxrlabError(f"ensemble: label spaces differ: {folder} has {sorted(names - core[0]) or 'none'} "
+                              f"that {folders[0]} lacks, and lacks {sorted(core[0] - names) or 'none'}; members "
+                              "must have the same labels (matched by name; only a 'No Finding' output may differ)")
+    common = set.intersection(*[set(info["labels"]) for info in infos])
+    return [n for n in infos[0]["labels"] if n in common]
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+@torch.no_grad()
+def ensemble_heatmaps(model: EnsembleModel, x: torch.Tensor, member_heatmaps) -> tuple[np.ndarray, np.ndarray]:
+    """Ensemble probabilities and the weighted mean of the members' heatmaps (each already scaled to
+    [0, 1]), rescaled to [0, 1]. ``member_heatmaps(model, x) -> (probs, maps)`` is the single-model one;
+    a member that gives no maps (e.g. a bilinear head) makes it an error naming that member."""
+    probs = torch.sigmoid(model(x).logits.float()).cpu().numpy()
+    total = None
+    for k, member in enumerate(model.members):
+        try:
+            _, maps = member_heatmaps(member, x)
+        except CxrlabError as exc:
+            raise CxrlabError(f"ensemble member {k}: {exc}") from None
+        maps = maps[:, model.member_columns(k).cpu().numpy()] * float(model.weights[k])
+        total = maps if total is None else total + maps
+    low = total.min(axis=(2, 3), keepdims=True)
+    high = total.max(axis=(2, 3), keepdims=True)
+    return probs, (total - low) / np.maximum(high - low, 1e-12)
