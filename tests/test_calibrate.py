@@ -20,6 +20,8 @@ def test_fit_temperature_recovers_the_generating_one():
         y = rng.random(z.size) < 1 / (1 + np.exp(-z / true))
         assert fit_temperature(z, y) == pytest.approx(true, rel=0.05)
     assert fit_temperature(z[:10], np.ones(10)) == 1.0  # one class only: no information
+    inverse = rng.random(z.size) < 1 / (1 + np.exp(z))  # scores anti-correlated with the labels
+    assert fit_temperature(z, inverse) == pytest.approx(20.0)  # flattened as far as the bounds allow
 
 
 def test_fit_temperature_is_the_bce_minimum():
@@ -43,7 +45,7 @@ def test_calibrate_refits_and_records(tmp_path, temperature):
     from cxrlab.checkpoint import read_info
     from cxrlab.data.policies import apply_policy
     from cxrlab.data.sources import parse_source
-    from cxrlab.inference.calibrate import calibrate
+    from cxrlab.inference.calibrate import calibrate, scaled_thresholds
     from cxrlab.inference.predictor import Predictor
     from cxrlab.labels import LabelSpace
     from cxrlab.metrics import fit_thresholds
@@ -70,12 +72,15 @@ def test_calibrate_refits_and_records(tmp_path, temperature):
         probs = 1 / (1 + np.exp(-logits / t))
     else:
         assert "temperature" not in info
-    expected = fit_thresholds(probs, result.target, result.mask)
+    expected = fit_thresholds(probs, result.target, result.mask)  # on the (scaled) probabilities
+    stored = np.asarray(info["thresholds"])
+    if temperature:  # stored on the unscaled scale, so predict (no temperature) decides the same
+        stored = scaled_thresholds(stored, info["temperature"])
     for j, name in enumerate(LABELS):
         if name in record["labels_refitted"]:
-            assert info["thresholds"][j] == pytest.approx(expected[j], abs=1e-6)
+            assert stored[j] == pytest.approx(expected[j], abs=1e-6)
         else:
-            assert info["thresholds"][j] == [0.3, 0.5, 0.6][j]
+            assert stored[j] == pytest.approx([0.3, 0.5, 0.6][j])
     assert record["labels_refitted"]  # the synthetic set has both classes for some label
     assert Predictor.from_checkpoint(tmp_path / "site").thresholds.tolist() == info["thresholds"]
 
@@ -97,7 +102,9 @@ def test_calibrate_refuses_bad_targets(tmp_path):
 def test_calibrated_export_and_server_use_the_temperature(tmp_path, shared_data):
     from cxrlab.inference.calibrate import calibrate
     from cxrlab.inference.export import export_onnx
+    from cxrlab.inference.calibrate import scaled_thresholds
     from cxrlab.inference.onnx_predictor import OnnxPredictor
+    from cxrlab.inference.predictor import Predictor
     from cxrlab.inference.server import TorchBackend
 
     ckpt = tiny_checkpoint(tmp_path / "ckpt", size=32)
@@ -105,6 +112,24 @@ def test_calibrated_export_and_server_use_the_temperature(tmp_path, shared_data)
     sidecar = export_onnx(tmp_path / "site", tmp_path / "site.onnx", check=[shared_data / "nih" / "00000001_000.png"])
     info = json.loads((tmp_path / "site" / "checkpoint.json").read_text())
     assert sidecar["temperature"] == info["temperature"] and sidecar["threshold_source"] == info["threshold_source"]
-    fitted = np.random.default_rng(0).integers(0, 255, (2, 32, 32)).astype(np.uint8)
-    np.testing.assert_allclose(OnnxPredictor(tmp_path / "site.onnx").predict_fitted(fitted),
-                               TorchBackend(tmp_path / "site", threads=1).predict(fitted), atol=1e-4)
+    assert sidecar["thresholds"] == pytest.approx(list(scaled_thresholds(info["thresholds"], info["temperature"])))
+    fitted = np.random.default_rng(0).integers(0, 255, (16, 32, 32)).astype(np.uint8)
+    scaled = OnnxPredictor(tmp_path / "site.onnx").predict_fitted(fitted)
+    backend = TorchBackend(tmp_path / "site", threads=1)
+    np.testing.assert_allclose(scaled, backend.predict(fitted), atol=1e-4)
+    np.testing.assert_allclose(backend.thresholds, sidecar["thresholds"], atol=1e-9)
+    # the same decisions as the checkpoint predictor, which applies no temperature
+    raw = Predictor.from_checkpoint(tmp_path / "site", device="cpu").predict_cached(fitted)
+    assert not np.allclose(raw, scaled, atol=1e-3)
+    clear = np.abs(raw - np.asarray(info["thresholds"])) > 1e-4  # not within float noise of a threshold
+    same = (raw >= np.asarray(info["thresholds"])) == (scaled >= np.asarray(sidecar["thresholds"]))
+    assert clear.mean() > 0.5 and same[clear].all()
+
+
+def test_threshold_scales_round_trip():
+    from cxrlab.inference.calibrate import scaled_thresholds, unscaled_thresholds
+
+    t, temperature = np.array([0.1, 0.5, 0.93]), np.array([0.5, 2.0, 3.0])
+    np.testing.assert_allclose(scaled_thresholds(unscaled_thresholds(t, temperature), temperature), t)
+    assert scaled_thresholds(t, None).tolist() == t.tolist()
+    assert unscaled_thresholds([0.5], [4.0])[0] == pytest.approx(0.5)  # logit 0 is fixed by any temperature

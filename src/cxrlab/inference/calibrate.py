@@ -10,7 +10,10 @@ writes a copy of the checkpoint whose ``checkpoint.json`` holds
 * ``temperature`` (with ``--temperature``): per label, ``T_c`` minimising the local binary cross-entropy
   of ``sigmoid(logit / T_c)`` (temperature scaling, Guo et al., "On Calibration of Modern Neural
   Networks", ICML 2017, here per label); thresholds are then fitted on the scaled probabilities.
-  The ONNX export and the server apply it;
+  The ONNX export and the server apply it and report scaled probabilities. ``thresholds`` are stored
+  on the unscaled scale (``sigmoid(T·logit(t))``; scaling is monotonic per label), so ``predict`` and
+  ``evaluate``, which do not apply a temperature, make the same decisions; the export and the server
+  convert them back with :func:`scaled_thresholds`;
 * ``threshold_source`` (one line) and ``calibration`` (source, split, n, date, method, labels refitted).
 """
 from __future__ import annotations
@@ -25,13 +28,17 @@ import numpy as np
 from ..errors import CxrlabError
 
 
-def fit_temperature(logits: np.ndarray, targets: np.ndarray, iterations: int = 50) -> float:
-    """``T`` minimising mean BCE(sigmoid(z / T), y), by Newton's method on ``a = 1/T`` (the loss is
-    convex in ``a``); 1.0 when both classes are not present."""
+def fit_temperature(logits: np.ndarray, targets: np.ndarray, bounds: tuple[float, float] = (0.05, 20.0),
+                    iterations: int = 50) -> float:
+    """``T`` in ``bounds`` minimising mean BCE(sigmoid(z / T), y), by Newton's method on ``a = 1/T`` (the
+    loss is convex in ``a``; each step is clipped to the bounds). 1.0 when both classes are not present.
+    A label whose scores carry no information (or the inverse) ends at the upper bound: its probabilities
+    are flattened towards 0.5 rather than made constant."""
     z = np.asarray(logits, dtype=np.float64)
     y = np.asarray(targets, dtype=np.float64)
     if z.size == 0 or y.min() == y.max():
         return 1.0
+    low, high = 1.0 / bounds[1], 1.0 / bounds[0]
     a = 1.0
     for _ in range(iterations):
         p = 1.0 / (1.0 + np.exp(-a * z))
@@ -39,15 +46,29 @@ def fit_temperature(logits: np.ndarray, targets: np.ndarray, iterations: int = 5
         hess = np.mean(p * (1 - p) * z * z)
         if hess <= 1e-12:
             break
-        step = grad / hess
-        a_new = a - step
-        if a_new <= 0:  # keep the scale positive (a flipped sign would invert the model)
-            a_new = a / 2
+        a_new = float(np.clip(a - grad / hess, low, high))
         if abs(a_new - a) < 1e-10 * max(1.0, a):
             a = a_new
             break
         a = a_new
     return float(1.0 / a)
+
+
+def _logit(p) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-12, 1 - 1e-12)
+    return np.log(p) - np.log1p(-p)
+
+
+def scaled_thresholds(thresholds, temperature) -> np.ndarray:
+    """Thresholds on the unscaled probability scale -> on ``sigmoid(logit / T)``'s (same decisions)."""
+    if temperature is None:
+        return np.asarray(thresholds, dtype=np.float64)
+    return 1 / (1 + np.exp(-_logit(thresholds) / np.asarray(temperature, dtype=np.float64)))
+
+
+def unscaled_thresholds(thresholds, temperature) -> np.ndarray:
+    """The inverse of :func:`scaled_thresholds`."""
+    return 1 / (1 + np.exp(-_logit(thresholds) * np.asarray(temperature, dtype=np.float64)))
 
 
 def calibrate(checkpoint, source: str, out, temperature: bool = False, method: str = "f1",
@@ -92,14 +113,14 @@ def calibrate(checkpoint, source: str, out, temperature: bool = False, method: s
     # the predictor gives unscaled probabilities; a temperature already recorded is kept unless refitted
     previous = info.get("temperature")
     temperatures = np.ones(len(predictor.label_names)) if previous is None else np.asarray(previous, np.float64)
-    logits = np.log(np.clip(probs, 1e-12, 1)) - np.log(np.clip(1 - probs, 1e-12, 1))
+    logits = _logit(probs)
     if temperature:
         for k, o in enumerate(outputs):
             temperatures[o] = fit_temperature(logits[known[:, k], k], target[known[:, k], k])
     if temperature or previous is not None:
         probs = 1 / (1 + np.exp(-logits / temperatures[outputs]))
-    fitted = fit_thresholds(probs, result.target, result.mask, method=method)
-    thresholds = np.asarray(predictor.thresholds, dtype=np.float64).copy()
+    fitted = fit_thresholds(probs, result.target, result.mask, method=method)  # on the scaled probabilities
+    thresholds = scaled_thresholds(predictor.thresholds, previous)
     refitted, kept = [], []
     for k, o in enumerate(outputs):
         y = target[known[:, k], k]
@@ -115,7 +136,8 @@ def calibrate(checkpoint, source: str, out, temperature: bool = False, method: s
               "previous_threshold_source": info.get("threshold_source"), "from_checkpoint": str(folder)}
     shutil.copytree(folder, out)
     info = read_info(out)
-    info["thresholds"] = [float(t) for t in thresholds]
+    stored = unscaled_thresholds(thresholds, temperatures) if (temperature or previous is not None) else thresholds
+    info["thresholds"] = [float(t) for t in stored]
     info["threshold_source"] = (f"refitted per label ({method}{', after per-label temperature scaling' if temperature else ''}) "
                                 f"on {source} (split {split}, {len(rows)} images) by cxrlab calibrate, {date}")
     if temperature or previous is not None:

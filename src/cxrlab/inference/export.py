@@ -145,6 +145,7 @@ def export_onnx(checkpoint, out, check: list | None = None, tolerance: float = T
     import onnxruntime as ort
 
     from .. import __version__
+    from .calibrate import scaled_thresholds
     from ..checkpoint import INFO_FILE, MODEL_FILE, STATE_FILE, find_checkpoint, load_model
 
     folder = find_checkpoint(Path(checkpoint))
@@ -192,7 +193,9 @@ def export_onnx(checkpoint, out, check: list | None = None, tolerance: float = T
             "checkpoint": str(folder), **weights, "checkpoint_json_sha256": sha256_file(folder / INFO_FILE),
             "backbones": [b.name for b in _backbones(model)],
             "labels": list(info["labels"]),
-            "thresholds": [float(t) for t in (info.get("thresholds") or [0.5] * len(info["labels"]))],
+            # the graph applies the temperature: its thresholds are on that scale (same decisions)
+            "thresholds": [float(t) for t in scaled_thresholds(info.get("thresholds") or [0.5] * len(info["labels"]),
+                                                               temperature)],
             "threshold_source": threshold_source(info),
             "temperature": None if temperature is None else [float(t) for t in temperature],
             "image_size": size, "resize": resize,

@@ -87,7 +87,10 @@ class TorchBackend:
         self.predictor = Predictor.from_checkpoint(path, device="cpu")
         p, info = self.predictor, self.predictor.info
         self.temperature = None if info.get("temperature") is None else np.asarray(info["temperature"], np.float64)
-        self.label_names, self.thresholds = p.label_names, p.thresholds
+        from .calibrate import scaled_thresholds
+
+        # probabilities are served temperature-scaled, so are the thresholds (same decisions as predict)
+        self.label_names, self.thresholds = p.label_names, scaled_thresholds(p.thresholds, self.temperature)
         self.threshold_source = threshold_source(info)
         self.image_size = p.image_size
         from ..checkpoint import INFO_FILE, MODEL_FILE, STATE_FILE, find_checkpoint
