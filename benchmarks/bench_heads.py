@@ -15,8 +15,8 @@ One training step = forward, objective, backward, AdamW step. Variants (all buil
 
 Besides ms/step, each variant's memory of one training step: on CUDA the peak allocated during the
 step above what was allocated before it; on CPU the bytes of the tensors autograd saves for backward
-(the activation memory, what grows with the head; counted per save, weights included). A config ``backbone:size:batch:stride`` sets
-timm's output stride (e.g. resnet18:64:32:8 for an 8x8 map instead of 2x2).
+(the activation memory, what grows with the head; counted per save, weights included). A config
+``backbone:size:batch:stride`` sets timm's output stride (e.g. resnet18:64:32:8: an 8x8 map, not 2x2).
 
 Repeats are interleaved (variant order rotated each repeat) so drift in machine load hits all alike; the
 median ms/step over repeats is reported with the ratio to ``linear``.

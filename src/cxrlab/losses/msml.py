@@ -9,7 +9,8 @@ dependencies", Multimedia Tools and Applications 79 (2020) 14889-14902. The pape
 ``msml``: every known positive ``p`` of image ``i`` competes in a softmax against the known negatives
 ``N_i`` of the same image (never against the other positives):
 
-    L_i = (1/|P_i|) Σ_{p∈P_i} softplus(logsumexp_{n∈N_i} s_n − s_p) = −(1/|P_i|) Σ_p log(e^{s_p} / (e^{s_p} + Σ_n e^{s_n}))
+    L_i = (1/|P_i|) Σ_{p∈P_i} softplus(logsumexp_{n∈N_i} s_n − s_p)
+        = −(1/|P_i|) Σ_p log(e^{s_p} / (e^{s_p} + Σ_n e^{s_n}))
 
 Unknown labels (mask 0) are neither positive nor negative. An image with a positive but no negative
 has nothing to compete against and contributes nothing; the batch loss is the mean over the images
