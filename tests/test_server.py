@@ -291,3 +291,25 @@ def test_ensemble_checkpoint_backend(tmp_path, shared_data):
                                Predictor.from_checkpoint(folder, device="cpu").predict_cached(fitted[None]), atol=1e-6)
     probs, cam = backend.heatmap(fitted, 1, "gradcam")
     assert cam.shape == (64, 64) and 0 <= cam.min() and cam.max() <= 1 + 1e-6
+
+
+def test_a_failing_request_does_not_take_the_server_down(model_files, shared_data):
+    from cxrlab.inference.server import create_app
+
+    data = (shared_data / "nih" / "00000001_000.png").read_bytes()
+    app = create_app(model_files[1], workers=1)
+    backend = app.app_state.backend
+    real, calls = backend.predict, []
+
+    def flaky(fitted):
+        calls.append(1)
+        if len(calls) == 2:  # the first request after the start's warm-up inference
+            raise RuntimeError("simulated failure inside inference")
+        return real(fitted)
+
+    backend.predict = flaky
+    with running(app) as url, httpx.Client(base_url=url, timeout=30) as c:
+        first = c.post("/predict", files={"files": ("a.png", data)})
+        assert first.status_code == 500 and "simulated failure" in first.json()["detail"]
+        assert c.post("/predict", files={"files": ("a.png", data)}).status_code == 200
+        assert c.get("/health").json() == {"status": "ready", "in_flight": 0, "capacity": 9}

@@ -21,6 +21,7 @@ Design:
 
 import asyncio
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -229,6 +230,11 @@ class WorkerPool:
             return await asyncio.wait_for(asyncio.wrap_future(future), self.timeout)
         except asyncio.TimeoutError:
             raise RequestError(504, f"inference took longer than {self.timeout:g} s") from None
+        except (RequestError, CxrlabError):
+            raise
+        except Exception as exc:  # a bug or a broken model: this request fails (500), the server carries on
+            logging.getLogger("cxrlab.serve").exception("inference failed")
+            raise RequestError(500, f"internal error: {type(exc).__name__}: {exc}") from None
 
     def shutdown(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -281,6 +287,10 @@ def create_app(model_path, workers: int = 2, queue: int = 8, timeout: float = 30
     @app.exception_handler(CxrlabError)
     async def _cxrlab_error(request: Request, exc: CxrlabError):
         return JSONResponse({"detail": str(exc)}, status_code=getattr(exc, "status", 422))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):  # logged by uvicorn; the server carries on
+        return JSONResponse({"detail": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
 
     def decode(data: bytes, name: str) -> np.ndarray:
         if delay:
