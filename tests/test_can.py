@@ -280,3 +280,27 @@ def test_two_backbone_resume_is_exact(tmp_path):
     with pytest.raises(CxrlabError, match=r"model\.backbones is \['test_resnet', 'test_resnet'\] but this "
                                           r"recipe's is \['test_resnet', 'test_convnext'\]"):
         can_run(tmp_path, other, n_train=32, n_val=16, out="cut", resume=True)
+
+
+def test_can_recipes_follow_their_protocols():
+    from cxrlab.config import load_recipe
+    from cxrlab.models import backbone_specs, check_model
+
+    nih, chexpert = load_recipe("can_nih"), load_recipe("can_chexpert")
+    assert (nih.data.labels, nih.data.split, nih.data.image_size) == ("nih14", "official", 224)
+    assert (chexpert.data.labels, chexpert.data.policy, chexpert.data.split, chexpert.data.image_size) == \
+        ("chexpert5", "u_ones", "official", 224)
+    for recipe in (nih, chexpert):
+        assert recipe.model.head == "cross_attention" and len(backbone_specs(recipe.model)) == 2
+        assert set(recipe.loss) == {"ml_balance", "can_attention"} and recipe.loss["can_attention"]["mu"] == 0.1
+        baseline = load_recipe(f"{recipe.name}_baseline")
+        assert len(backbone_specs(baseline.model)) == 1 and baseline.model.head == "linear"
+        assert (baseline.data, baseline.optim, baseline.schedule, baseline.train) == \
+            (recipe.data, recipe.optim, recipe.schedule, recipe.train)  # same budget
+    family = ["can_synthetic", "can_synthetic_no_attention_loss", "can_synthetic_concat", "can_synthetic_bce",
+              "can_synthetic_balance"]
+    recipes = [load_recipe(n) for n in family]
+    for r in recipes:
+        check_model(r.model)
+        assert (r.data, r.optim, r.train, r.model.output_stride) == (recipes[0].data, recipes[0].optim,
+                                                                    recipes[0].train, 8)
