@@ -154,7 +154,8 @@ class BodyLimit:
 
     A declared Content-Length over the limit is answered at once; a body that streams past the limit
     is read to its end without being kept (so the client sees the answer rather than a reset
-    connection) and answered 413; the app never sees it."""
+    connection) and answered 413; the app never sees it. A body within the limit is buffered (so
+    memory per request is bounded by the limit) and handed to the app."""
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, int(limit)
@@ -214,14 +215,17 @@ class WorkerPool:
         self.slots = threading.BoundedSemaphore(self.capacity)
         self.timeout = timeout
         self.in_flight = 0
+        self._count = threading.Lock()  # released from worker threads, taken on the event loop
 
     async def run(self, fn, *args):
         if not self.slots.acquire(blocking=False):
             raise RequestError(503, f"server busy: {self.capacity} requests in progress; retry later")
-        self.in_flight += 1
+        with self._count:
+            self.in_flight += 1
 
         def release(_):
-            self.in_flight -= 1
+            with self._count:
+                self.in_flight -= 1
             self.slots.release()
 
         future = self.executor.submit(fn, *args)
