@@ -20,11 +20,12 @@ class Predictor:
     """``predict(images) -> probabilities`` (N×L numpy) for a model in eval mode.
 
     ``images`` are float arrays in [0, 1] (or uint8) of any size; they are fitted to ``image_size``
-    the way the prepared cache fitted the training images (``resize`` pad or crop).
+    the way the prepared cache fitted the training images (``resize`` pad or crop). A per-label
+    ``temperature`` (from ``cxrlab calibrate``) divides the logits, as the ONNX export and the server do.
     """
 
     def __init__(self, model: nn.Module, label_names, thresholds=None, image_size: int = 224,
-                 resize: str = "pad", device: str | None = None, info: dict | None = None):
+                 resize: str = "pad", device: str | None = None, info: dict | None = None, temperature=None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.to(self.device).eval()
         self.label_names = list(label_names)
@@ -35,16 +36,23 @@ class Predictor:
         self.image_size = int(image_size)
         self.resize = resize
         self.info = info or {}
+        self.temperature = None if temperature is None else torch.as_tensor(temperature, dtype=torch.float32)
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Path, device: str | None = None) -> "Predictor":
         """The model of a checkpoint folder (or a run folder: its best checkpoint) with its thresholds."""
         from ..checkpoint import load_model
 
+        from .calibrate import scaled_thresholds
+
         model, info = load_model(Path(checkpoint))
         data = info["recipe"]["data"]
-        return cls(model, info["labels"], info.get("thresholds"), image_size=int(data["image_size"]),
-                   resize=data.get("resize", "pad"), device=device, info=info)
+        temperature = info.get("temperature")
+        thresholds = info.get("thresholds")
+        if temperature is not None and thresholds is not None:  # stored unscaled: see inference/calibrate.py
+            thresholds = scaled_thresholds(thresholds, temperature)
+        return cls(model, info["labels"], thresholds, image_size=int(data["image_size"]),
+                   resize=data.get("resize", "pad"), device=device, info=info, temperature=temperature)
 
     def fit_size(self, image: np.ndarray) -> np.ndarray:
         from ..data.cache import fit_image
@@ -83,7 +91,10 @@ class Predictor:
         out = []
         for chunk in batches:
             x = torch.as_tensor(np.asarray(chunk)).float().div_(255.0).unsqueeze(1).to(self.device)
-            out.append(torch.sigmoid(self.model(x).logits.float()).cpu().numpy())
+            logits = self.model(x).logits.float()
+            if self.temperature is not None:
+                logits = logits / self.temperature.to(logits.device)
+            out.append(torch.sigmoid(logits).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, len(self.label_names)), dtype=np.float32)
 
 

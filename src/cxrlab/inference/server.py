@@ -87,11 +87,8 @@ class TorchBackend:
         self.torch = torch
         self.predictor = Predictor.from_checkpoint(path, device="cpu")
         p, info = self.predictor, self.predictor.info
-        self.temperature = None if info.get("temperature") is None else np.asarray(info["temperature"], np.float64)
-        from .calibrate import scaled_thresholds
-
-        # probabilities are served temperature-scaled, so are the thresholds (same decisions as predict)
-        self.label_names, self.thresholds = p.label_names, scaled_thresholds(p.thresholds, self.temperature)
+        # the Predictor applies a calibrated temperature and scales the thresholds with it
+        self.label_names, self.thresholds = p.label_names, p.thresholds
         self.threshold_source = threshold_source(info)
         self.image_size = p.image_size
         from ..checkpoint import INFO_FILE, MODEL_FILE, STATE_FILE, find_checkpoint
@@ -118,22 +115,16 @@ class TorchBackend:
     def fit(self, image: np.ndarray) -> np.ndarray:
         return self.predictor.fit_size(image)
 
-    def _calibrated(self, probs: np.ndarray) -> np.ndarray:
-        if self.temperature is None:
-            return probs
-        logits = np.log(np.clip(probs, 1e-12, 1)) - np.log(np.clip(1 - probs, 1e-12, 1))
-        return (1 / (1 + np.exp(-logits / self.temperature))).astype(np.float32)
-
     def predict(self, fitted: np.ndarray) -> np.ndarray:
-        return self._calibrated(self.predictor.predict_cached(fitted))
+        return self.predictor.predict_cached(fitted)
 
     def heatmap(self, fitted: np.ndarray, label: int, method: str) -> tuple[np.ndarray, np.ndarray]:
         from .heatmaps import gradcam_maps, label_heatmaps
 
         x = self.torch.from_numpy(fitted).float().div_(255.0)[None, None]
         if method == "native":
-            probs, maps = label_heatmaps(self.predictor.model, x)
-            return self._calibrated(probs)[0], maps[0, label]
+            _, maps = label_heatmaps(self.predictor.model, x)
+            return self.predict(fitted[None])[0], maps[0, label]
         with self._cam_lock:
             cam = gradcam_maps(self.predictor.model, x, [label], method)[0]
         return self.predict(fitted[None])[0], cam
