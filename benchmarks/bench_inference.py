@@ -79,6 +79,8 @@ def ort_session(path: Path, threads: int, profile: bool = False):
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.enable_profiling = profile
+    if profile:  # ORT writes its profile JSON here, not into the working directory
+        options.profile_file_prefix = str(path.with_suffix("")) + "_profile"
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -119,7 +121,9 @@ def profile(onnx_path: Path, graph, args) -> None:
     x = torch.rand(1, 1, args.size, args.size)
     for _ in range(10):
         session.run(None, {"image": x.numpy()})
-    events = json.loads(Path(session.end_profiling()).read_text())
+    trace = Path(session.end_profiling())
+    events = json.loads(trace.read_text())
+    trace.unlink()
     by_op: dict[str, float] = {}
     for e in events:
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
