@@ -367,3 +367,33 @@ def test_pseudo_positives_never_contradict_an_exclusive_observed_label():
     # without the exclusive label every unknown entry would have become pseudo-positive
     plain = MPC(lambda x: x, lambda x: x, btc=False, exclusive_label=None, label_names=names)
     assert plain.pseudo_labels(logits, target, target.clone())[0].tolist() == [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]
+
+
+def test_support_devices_coexist_with_an_observed_no_finding():
+    """CheXpert's "No Finding" allows support devices: an image observed "No Finding" may get a
+    pseudo-positive "Support Devices" and vice versa, but no pathology."""
+    names = ("a", "Support Devices", "No Finding")
+    mpc = MPC(lambda x: x, lambda x: x, btc=False, label_names=names)
+    logits = torch.full((2, 3), 10.0)
+    target = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0]])  # image 0: No Finding; image 1: a device
+    pseudo_target, _ = mpc.pseudo_labels(logits, target, target.clone())
+    assert pseudo_target.tolist() == [[0.0, 1.0, 1.0], [1.0, 1.0, 1.0]]
+    strict = MPC(lambda x: x, lambda x: x, btc=False, coexisting_labels=(), label_names=names)
+    assert strict.pseudo_labels(logits, target, target.clone())[0].tolist() == [[0.0, 0.0, 1.0], [1.0, 1.0, 0.0]]
+
+
+@pytest.mark.parametrize("term", ["mpc_ipc", "mpc_fpc", "mpc_btc"])
+def test_warmup_epochs_switch_a_pseudo_label_term_on_later(term):
+    logits = torch.zeros(2, C, requires_grad=True)
+    extras = {"pseudo_target": torch.ones(2, C), "pseudo_mask": torch.ones(2, C),
+              "strong_logits": logits, "fpc_logits": logits, "btc_logits": logits}
+    batch = {"target": torch.tensor([[1.0, 0, 0], [0, 1.0, 0]]), "mask": torch.tensor([[1.0, 0, 0], [0, 1.0, 0]])}
+    loss = LOSSES.get(term)(ctx(), warmup_epochs=2)
+    for epoch, expected_on in ((0, False), (1, False), (2, True), (5, True)):
+        loss.on_epoch_start(epoch)
+        value = loss(Output(torch.zeros(2, C), extras), batch)
+        assert (float(value) > 0) == expected_on, epoch
+    value.backward()
+    assert logits.grad.abs().sum() > 0
+    with pytest.raises(CxrlabError, match="warmup_epochs"):
+        LOSSES.get(term)(ctx(), warmup_epochs=-1)

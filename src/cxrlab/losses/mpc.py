@@ -33,6 +33,8 @@ Design decisions [ours; the spec's "Design" section]:
     ``"selected"`` is the plain masked mean over the pseudo-labelled entries; on our synthetic SPML
     task it let early, wrong pseudo-positives dominate (pseudo-positive precision ≈ base rate).
     BTC defaults to ``"selected"`` (mean over known + pseudo-labelled entries, ``"all"``: over B×C).
+  * ``warmup_epochs`` of IPC / FPC / BTC (default 0): the term is 0 for the first epochs, so that
+    pseudo-labels only supervise once the model has learnt from the observed labels alone.
   * ``spml_observed`` spares entries the regime pseudo-labelled *positive* from the assume-negative
     term (``spare_pseudo_pos``, default True), so the two terms do not pull the same entry apart.
     With ``neg_weight = 0`` (the default) nothing ever pushes a probability down except pseudo-
@@ -90,6 +92,19 @@ def _check_reduction(term: str, reduction: str) -> str:
     return reduction
 
 
+class _Warmup:
+    """Epoch counter of a term that stays off for its first ``epochs`` epochs."""
+
+    def __init__(self, term: str, epochs: int):
+        if int(epochs) != epochs or epochs < 0:
+            raise CxrlabError(f"{term}: warmup_epochs must be a whole number >= 0, got {epochs}")
+        self.epochs, self.epoch = int(epochs), 0
+
+    @property
+    def waiting(self) -> bool:
+        return self.epoch < self.epochs
+
+
 def _float(logits: torch.Tensor) -> torch.Tensor:
     return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
 
@@ -130,15 +145,21 @@ class ImagePerturbationConsistency(LossTerm):
 
     name = "mpc_ipc"
 
-    def __init__(self, ctx: LossContext, reduction: str = "all"):
+    def __init__(self, ctx: LossContext, reduction: str = "all", warmup_epochs: int = 0):
         super().__init__(ctx)
         self.reduction = _check_reduction(self.name, reduction)
+        self.warmup = _Warmup(self.name, warmup_epochs)
+
+    def on_epoch_start(self, epoch: int) -> None:
+        self.warmup.epoch = epoch
 
     def logits(self, output: Output) -> torch.Tensor:
         return _float(_extra(self.name, output, "strong_logits"))
 
     def forward(self, output: Output, batch: dict) -> torch.Tensor:
         logits = self.logits(output)
+        if self.warmup.waiting:
+            return logits.sum() * 0.0
         target, known, pseudo = _pseudo(self.name, output, batch, logits)
         values = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
         return _reduce(values, pseudo, ~known, self.reduction)
@@ -162,12 +183,18 @@ class BatchTransformerCorrelation(LossTerm):
 
     name = "mpc_btc"
 
-    def __init__(self, ctx: LossContext, reduction: str = "selected"):
+    def __init__(self, ctx: LossContext, reduction: str = "selected", warmup_epochs: int = 0):
         super().__init__(ctx)
         self.reduction = _check_reduction("mpc_btc", reduction)
+        self.warmup = _Warmup(self.name, warmup_epochs)
+
+    def on_epoch_start(self, epoch: int) -> None:
+        self.warmup.epoch = epoch
 
     def forward(self, output: Output, batch: dict) -> torch.Tensor:
         logits = _extra(self.name, output, "btc_logits", switch="btc")
+        if self.warmup.waiting:
+            return logits.sum() * 0.0
         target, known, pseudo = _pseudo(self.name, output, batch, logits)
         values = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
         return _reduce(values, known | pseudo, torch.ones_like(known), self.reduction)
