@@ -328,9 +328,9 @@ def test_csv_source_relative_paths_and_numeric_label_columns(tmp_path):
     np.testing.assert_array_equal(records.values, [[1, 0], [np.nan, 1], [-1, 0]])
 
 
-def test_csv_source_first_column_labels_list_and_stem_patients(tmp_path):
+def test_csv_source_labels_list_and_stem_patients(tmp_path):
     csv = tmp_path / "l.csv"
-    csv.write_text("file,age,Edema,Mass\na/x.png,63,1,0\nb/y.dcm,70,0,1\n")
+    csv.write_text("path,age,Edema,Mass\na/x.png,63,1,0\nb/y.dcm,70,0,1\n")
     records = parse_source(f"csv:{csv}", labels=["Mass"])
     assert records.labels.names == ("Mass",)
     assert records.meta["patient_id"].tolist() == ["x", "y"]

@@ -14,6 +14,7 @@ leaves a half-written one):
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -77,6 +78,21 @@ def save_checkpoint(folder: Path, weights: dict[str, torch.Tensor], state: dict[
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
+    tmp_also = None if also is None else Path(also).parent / f".{Path(also).name}.tmp-{os.getpid()}"
+    try:
+        _write_folder(folder, tmp, weights, state, structure, info, also, tmp_also)
+    except OSError as exc:
+        # e.g. a full disk: the temporary folders go, the previous checkpoint (never touched) stays
+        for t in (tmp, tmp_also):
+            if t is not None:
+                shutil.rmtree(t, ignore_errors=True)
+        raise CxrlabError(f"cannot write checkpoint {folder}: {exc.strerror or exc}"
+                          + (" (disk full)" if exc.errno == errno.ENOSPC else "")
+                          + f"; the previous checkpoint in {folder} is intact") from exc
+    return folder
+
+
+def _write_folder(folder: Path, tmp: Path, weights, state, structure, info, also, tmp_also) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     files = {}
@@ -87,7 +103,6 @@ def save_checkpoint(folder: Path, weights: dict[str, torch.Tensor], state: dict[
     _write_json(tmp / INFO_FILE, info)
     if also is not None:
         also = Path(also)
-        tmp_also = also.parent / f".{also.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp_also, ignore_errors=True)
         tmp_also.mkdir()
         for name in (MODEL_FILE, STATE_FILE, INFO_FILE):
@@ -97,7 +112,6 @@ def save_checkpoint(folder: Path, weights: dict[str, torch.Tensor], state: dict[
                 shutil.copy2(tmp / name, tmp_also / name)
         _commit(tmp_also, also)
     _commit(tmp, folder)
-    return folder
 
 
 def set_thresholds(checkpoint: Path, thresholds) -> None:
@@ -121,16 +135,25 @@ def _write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict)
             t = t.clone()
         seen.add(key)
         ready[name] = t
-    save_file(ready, str(path), metadata=metadata)
+    try:
+        save_file(ready, str(path), metadata=metadata)
+    except OSError:
+        raise
+    except Exception as exc:  # safetensors reports I/O failures (a full disk) as its own error type
+        code = errno.ENOSPC if "StorageFull" in str(exc) or "code: 28" in str(exc) else errno.EIO
+        raise OSError(code, f"{os.strerror(code)} ({exc})", str(path)) from exc
     _fsync(path)
     return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
 
 
 def _write_json(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(to_jsonable(data), indent=1, allow_nan=False))
-    _fsync(tmp)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(to_jsonable(data), indent=1, allow_nan=False))
+        _fsync(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _commit(tmp: Path, final: Path) -> None:
@@ -163,8 +186,16 @@ def _sha256(path: Path) -> str:
 # ----------------------------------------------------------------------------------------- reading
 
 def find_checkpoint(path: Path) -> Path:
-    """A checkpoint folder from itself or from a run folder (its ``best/``, else ``last/``)."""
+    """A checkpoint folder from itself or from a run folder (its ``best/``, else ``last/``).
+
+    A ``best/`` or ``last/`` folder without its ``checkpoint.json`` (deleted, or half-copied by hand) is
+    refused rather than silently passed over for the other one, which is a different model."""
     path = Path(path)
+    for name in ("best", "last"):
+        part = path / name
+        if part.is_dir() and not (part / INFO_FILE).is_file() and not (path / f".{name}.old" / INFO_FILE).is_file():
+            raise CxrlabError(f"{part} is an incomplete checkpoint (no {INFO_FILE}): it cannot be used; pass "
+                              "the other checkpoint folder of the run explicitly if that is the one you want")
     candidates = [path, path / "best", path / "last", path.parent / f".{path.name}.old",
                   path / ".best.old", path / ".last.old"]
     for candidate in candidates:

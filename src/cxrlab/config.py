@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ class DataConfig:
     repeats: int = 1
     seed: int = 0
     num_workers: int = 0
+    duplicates: Literal["warn", "drop"] = "warn"  # csv: exact duplicate rows counted in a warning, or dropped
 
 
 @dataclass
@@ -129,7 +131,13 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
-RECIPE_DIRS = [Path.cwd() / "recipes", Path(__file__).resolve().parents[2] / "recipes"]
+BUILTIN_RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+RECIPE_DIRS = [Path.cwd() / "recipes", BUILTIN_RECIPES]
+
+
+def recipe_dirs() -> list[Path]:
+    """Where recipe names are looked up: ``recipes/`` of the current folder (now), then the built-in ones."""
+    return [Path.cwd() / "recipes", BUILTIN_RECIPES]
 
 
 def find_recipe(name_or_path: str) -> Path:
@@ -138,9 +146,14 @@ def find_recipe(name_or_path: str) -> Path:
         if not path.is_file():
             raise CxrlabError(f"recipe file not found: {path}")
         return path
-    for folder in RECIPE_DIRS:
+    for folder in recipe_dirs():
         candidate = folder / f"{name_or_path}.yaml"
         if candidate.is_file():
+            builtin = BUILTIN_RECIPES / candidate.name
+            if builtin.is_file() and builtin.resolve() != candidate.resolve():
+                # a stray recipes/NAME.yaml in the current folder must not change an experiment unnoticed
+                print(f"cxrlab: note: recipe {name_or_path!r} is {candidate}, which replaces the built-in "
+                      f"{builtin}", file=sys.stderr)
             return candidate
     names = list_recipes()
     hint = closest(name_or_path, names)
@@ -149,7 +162,7 @@ def find_recipe(name_or_path: str) -> Path:
 
 
 def list_recipes() -> list[str]:
-    return sorted({p.stem for folder in RECIPE_DIRS if folder.is_dir() for p in folder.glob("*.yaml")})
+    return sorted({p.stem for folder in recipe_dirs() if folder.is_dir() for p in folder.glob("*.yaml")})
 
 
 def load_recipe(name_or_path: str | None = None, overrides: list[str] | tuple = ()) -> Recipe:
@@ -167,10 +180,23 @@ def load_recipe(name_or_path: str | None = None, overrides: list[str] | tuple = 
     raw = _resolve_base(copy.deepcopy(raw), seen=(str(name_or_path),))
     for item in overrides:
         key, sep, value = item.partition("=")
-        if not sep:
-            raise CxrlabError(f"override {item!r} is not of the form key=value")
-        _set_path(raw, key.strip(), yaml.safe_load(value))
+        if not sep or not key.strip():
+            raise CxrlabError(f"override {item!r} is not of the form key=value (e.g. train.epochs=3)")
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as exc:  # also a tag such as !!python/object: safe_load builds no objects
+            raise CxrlabError(f"override {item!r}: the value is not valid YAML ({_yaml_reason(exc)})") from None
+        _set_path(raw, key.strip(), parsed)
     return from_dict(raw)
+
+
+def _yaml_reason(exc: yaml.YAMLError) -> str:
+    """The first line of a YAML error (its problem, and where), without the quoted source lines."""
+    problem = getattr(exc, "problem", None)
+    mark = getattr(exc, "problem_mark", None)
+    if problem:
+        return problem + (f" at line {mark.line + 1}, column {mark.column + 1}" if mark else "")
+    return str(exc).splitlines()[0]
 
 
 def _resolve_base(raw: dict, seen: tuple) -> dict:
@@ -180,7 +206,13 @@ def _resolve_base(raw: dict, seen: tuple) -> dict:
         return raw
     if base in seen:
         raise CxrlabError(f"recipe base cycle: {' -> '.join(seen + (base,))}")
-    parent = yaml.safe_load(find_recipe(base).read_text()) or {}
+    path = find_recipe(base)
+    try:
+        parent = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise CxrlabError(f"recipe {path} (base of {seen[-1]}): not valid YAML: {_yaml_reason(exc)}") from None
+    if not isinstance(parent, dict):
+        raise CxrlabError(f"recipe {path} (base of {seen[-1]}): expected a mapping at the top level")
     parent.pop("name", None)
     return _merge(_resolve_base(parent, seen + (base,)), raw)
 
@@ -201,7 +233,44 @@ def _merge(base: dict, top: dict) -> dict:
 
 
 def from_dict(raw: dict) -> Recipe:
-    return _build(Recipe, raw, "")
+    recipe = _build(Recipe, raw, "")
+    validate(recipe)
+    return recipe
+
+
+# (section.key, test, what it must be): values a type check lets through but no run can use
+_RANGES = [
+    ("train.epochs", lambda v: v >= 1, "an integer >= 1"),
+    ("train.batch_size", lambda v: v >= 1, "an integer >= 1"),
+    ("train.grad_clip", lambda v: v is None or v > 0, "> 0 or null"),
+    ("train.ema", lambda v: v is None or 0 < v < 1, "between 0 and 1 (exclusive) or null"),
+    ("train.early_stop_patience", lambda v: v is None or v >= 1, "an integer >= 1 or null"),
+    ("data.image_size", lambda v: v >= 8, "an integer >= 8 (pixels)"),
+    ("data.val_fraction", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("data.test_fraction", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("data.folds", lambda v: v >= 2, "an integer >= 2"),
+    ("data.repeats", lambda v: v >= 1, "an integer >= 1"),
+    ("data.num_workers", lambda v: v >= 0, "an integer >= 0"),
+    ("optim.lr", lambda v: v > 0, "> 0"),
+    ("optim.weight_decay", lambda v: v >= 0, ">= 0"),
+    ("schedule.warmup_epochs", lambda v: v >= 0, ">= 0"),
+    ("schedule.step_size", lambda v: v >= 1, "an integer >= 1"),
+    ("eval.bootstrap", lambda v: v >= 0, "an integer >= 0"),
+    ("eval.ci", lambda v: 0 < v < 1, "between 0 and 1 (exclusive)"),
+]
+
+
+def validate(recipe: Recipe) -> None:
+    """Range checks at load time, so a bad value fails before any data is prepared, naming the key."""
+    for key, ok, what in _RANGES:
+        section, name = key.split(".")
+        value = getattr(getattr(recipe, section), name)
+        if not ok(value):
+            raise CxrlabError(f"config key {key!r} must be {what}, got {value!r}")
+    d = recipe.data
+    if d.val_fraction + d.test_fraction >= 1:
+        raise CxrlabError(f"data.val_fraction + data.test_fraction must be < 1 (no training images left), got "
+                          f"{d.val_fraction} + {d.test_fraction}")
 
 
 def _set_path(raw: dict, key: str, value: Any) -> None:

@@ -12,7 +12,10 @@ image once, fits it to ``size``×``size`` and stores it in one raw uint8 file. A
 Work happens in ``<out>.partial/`` and is renamed to ``<out>`` only when complete, so a finished cache
 is never half-overwritten; a per-image status file is flushed after every chunk so an interrupted run
 resumes where it stopped. A hidden ``.<out>.lock`` file beside the cache serialises concurrent preparers
-(e.g. several ranks of one job): the second waits and then reuses the first one's cache.
+(e.g. several ranks of one job): the second says whom it waits for, waits, and then reuses the first
+one's cache. The lock file records its holder's pid; a lock whose holder is gone (killed, with something
+still holding the file) is taken over with a message. Decoding workers die with the process that
+started them (Linux: ``PR_SET_PDEATHSIG``) and do not keep the lock, so a ``kill -9`` leaves no orphan.
 """
 from __future__ import annotations
 
@@ -22,7 +25,9 @@ import json
 import multiprocessing
 import os
 import shutil
+import socket
 import sys
+import time
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,9 +130,11 @@ def prepare(records: Records, out_dir, size: int, mode: str = "pad", workers: in
     cache of the same source, size and mode is reused as is; one of anything else is an error.
     """
     _check_args(size, mode, on_error, workers)
+    from ..outputs import writable_dir
+
     out_dir = Path(out_dir)
     key = fingerprint(records)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    writable_dir(out_dir.parent, "cache folder")
     with _lock(out_dir):
         if (out_dir / INFO).is_file():
             return _reuse(out_dir, key, size, mode)
@@ -156,21 +163,91 @@ def _check_args(size, mode, on_error, workers) -> None:
         raise CxrlabError(f"workers must be >= 1, got {workers}")
 
 
+# file descriptors of the cache locks this process holds: forked decoding workers close their copies,
+# so that a worker outliving a killed parent cannot keep the lock
+_HELD_LOCKS: set[int] = set()
+LOCK_POLL_S = 0.5
+
+
 @contextlib.contextmanager
 def _lock(out_dir: Path):
     """An exclusive lock on ``.<out>.lock`` beside the cache (POSIX only; elsewhere concurrent preparers
-    are not guarded)."""
+    are not guarded), with its holder's ``pid host start-time`` written in it."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows
         yield
         return
-    with open(out_dir.with_name(f".{out_dir.name}.lock"), "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    path = out_dir.with_name(f".{out_dir.name}.lock")
+    told = False
+    while True:
+        handle = open(path, "a+")  # not "w": that would erase the holder's pid before we know it
         try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = lock_holder(path)
+            if holder is not None and holder["host"] == socket.gethostname() and not pid_alive(holder["pid"]):
+                print(f"prepare: taking over the lock {path}: its holder, process {holder['pid']}, is gone "
+                      "(something it started still held the lock file)", file=sys.stderr)
+                if _same_file(handle, path):  # not one a concurrent taker-over has just made
+                    path.unlink(missing_ok=True)
+                handle.close()
+                continue
+            if not told:
+                who = (f"process {holder['pid']} on {holder['host']} (since {holder['since']})" if holder
+                       else "another process")
+                print(f"prepare: waiting for {who}, which is preparing {out_dir} (lock {path})", file=sys.stderr)
+                told = True
+            handle.close()
+            time.sleep(LOCK_POLL_S)
+            continue
+        if not _same_file(handle, path):  # we locked a file a taker-over unlinked: lock the new one
+            handle.close()
+            continue
+        break
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()} {socket.gethostname()} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+    handle.flush()
+    _HELD_LOCKS.add(handle.fileno())
+    try:
+        yield
+    finally:
+        _HELD_LOCKS.discard(handle.fileno())
+        handle.truncate(0)
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
+def lock_holder(path: Path) -> dict | None:
+    """``{"pid", "host", "since"}`` written in a lock file by its holder, or None (empty, unreadable)."""
+    try:
+        pid, host, since = Path(path).read_text().split()[:3]
+        return {"pid": int(pid), "host": host, "since": since}
+    except (OSError, ValueError):
+        return None
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process exists on this machine (a zombie, dead but not yet reaped, counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state not in ("Z", "X")
+    except (OSError, IndexError):
+        return True
+
+
+def _same_file(handle, path: Path) -> bool:
+    try:
+        return os.fstat(handle.fileno()).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def _reuse(out_dir: Path, key: str, size: int, mode: str) -> CacheInfo:
@@ -292,7 +369,7 @@ def _fill(records, partial: Path, images, status, size, mode, workers, on_error,
                 bar.update(len(done) + len(failed))
                 if failed and on_error == "fail":
                     row, message = failed[0]
-                    raise CxrlabError(f"cannot read image {records.meta['path'].iloc[row]} (row {row}): "
+                    raise CxrlabError(f"cannot read image {records.meta['path'].iloc[row]} (row {row + 1}): "
                                       f"{message}; fix it and re-run to continue, or use --on-error skip")
     finally:
         bar.close()
@@ -329,13 +406,32 @@ def _executor(workers: int, n_chunks: int):
     workers = min(workers, n_chunks)
     pool: Executor
     if "fork" in multiprocessing.get_all_start_methods():
-        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                                   initializer=_worker_init, initargs=(os.getpid(),))
     else:  # pragma: no cover - Windows / macOS defaults
         pool = ThreadPoolExecutor(workers)
     try:
         yield pool
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _worker_init(parent: int) -> None:
+    """In each forked decoding worker: die with the parent (a ``kill -9`` or OOM kill of ``prepare``
+    must not leave orphans), and drop the inherited cache lock so only the parent holds it."""
+    for fd in list(_HELD_LOCKS):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD_LOCKS.clear()
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        PR_SET_PDEATHSIG = 1
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the line above: nobody will be told
+        os._exit(1)
 
 
 def _write_failed(partial: Path, records: Records, errors: dict[int, str]) -> None:

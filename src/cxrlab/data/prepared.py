@@ -53,8 +53,23 @@ def default_cache_dir(recipe: Recipe) -> Path:
     d = recipe.data
     root = Path(d.cache_dir) if d.cache_dir else Path(os.environ.get("CXRLAB_CACHE", Path.home() / ".cache" / "cxrlab"))
     identity = [d.source, d.views, d.image_size, d.labels, d.resize, d.labeller]
+    if d.duplicates != "warn":  # only then, so existing caches keep their folders
+        identity.append(d.duplicates)
     key = hashlib.sha1(json.dumps(identity, default=str).encode()).hexdigest()[:12]
     return root / f"{d.source.split(':', 1)[0]}-{d.image_size}px-{key}"
+
+
+def check_labels(spec, available: LabelSpace) -> LabelSpace | None:
+    """``data.labels`` as a label space, each name one of the source's (else the closest is suggested)."""
+    from ..errors import unknown
+
+    if spec is None:
+        return None
+    wanted = parse_labels(spec)
+    for name in wanted.names:
+        if name not in available.names:
+            raise CxrlabError(f"data.labels: {unknown('label', name, available.names)}")
+    return wanted
 
 
 def prepare_data(recipe: Recipe, progress: bool = True) -> PreparedData:
@@ -66,7 +81,9 @@ def prepare_data(recipe: Recipe, progress: bool = True) -> PreparedData:
     if d.cache:
         # a cache the user prepared: prepare() reuses it only if it holds this source at this size and
         # resize mode (the fingerprint covers the paths, i.e. the views, and the label values)
-        records = parse_source(d.source, views=d.views, labeller=d.labeller, labels=d.labels)
+        records = parse_source(d.source, views=d.views, labeller=d.labeller, labels=d.labels,
+                               duplicates=d.duplicates)
+        check_labels(d.labels, records.labels)
         cache_dir = Path(d.cache)
         if not (cache_dir / "cache.json").is_file():
             raise CxrlabError(f"data.cache: {cache_dir} is not a finished cache; make it with "
@@ -75,15 +92,14 @@ def prepare_data(recipe: Recipe, progress: bool = True) -> PreparedData:
     else:
         cache_dir = default_cache_dir(recipe)
         if not (cache_dir / "cache.json").is_file():
-            records = parse_source(d.source, views=d.views, labeller=d.labeller, labels=d.labels)
+            records = parse_source(d.source, views=d.views, labeller=d.labeller, labels=d.labels,
+                                   duplicates=d.duplicates)
+            check_labels(d.labels, records.labels)  # a misspelt label fails before the images are decoded
             prepare(records, cache_dir, size=d.image_size, mode=d.resize, progress=progress)
     images, index, labels, _info = open_cache(cache_dir)
     values = index[list(labels.names)].to_numpy(dtype=np.float32)
     if d.labels is not None:
-        wanted = parse_labels(d.labels)
-        missing = [n for n in wanted.names if n not in labels.names]
-        if missing:
-            raise CxrlabError(f"data.labels: {missing} not in the source's labels {list(labels.names)}")
+        wanted = check_labels(d.labels, labels)
         values = values[:, [labels.index(n) for n in wanted.names]]
         labels = wanted
     if d.policy == "spml":

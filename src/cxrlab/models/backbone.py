@@ -64,8 +64,18 @@ class Backbone(nn.Module):
                                   "output stride in timm (it does for resnets, convnexts, efficientnets, ...); "
                                   "leave model.output_stride unset for it") from None
             raise
-        except (OSError, RuntimeError, ValueError) as exc:
-            if use_pretrained and "pretrained_cfg_overlay" not in kwargs:
+        except Exception as exc:  # noqa: BLE001 - safetensors and torch.load raise their own error types
+            if "pretrained_cfg_overlay" in kwargs:
+                # a local file: corrupt, truncated, of another model, or a pickle needing code (refused by
+                # torch.load's weights-only unpickler; nothing in it ran)
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                raise CxrlabError(
+                    f"model.pretrained={kwargs['pretrained_cfg_overlay']['file']}: cannot load weights for "
+                    f"{name!r} from it ({exc.__class__.__name__}: {first[:300]}); give a .safetensors file "
+                    "(or a plain tensor state dict) of this backbone") from exc
+            if not isinstance(exc, (OSError, RuntimeError, ValueError)):
+                raise
+            if use_pretrained:
                 cache = os.environ.get("HF_HOME", "~/.cache/huggingface")
                 raise CxrlabError(
                     f"could not get pretrained weights for {name!r} ({exc.__class__.__name__}: {exc}). "

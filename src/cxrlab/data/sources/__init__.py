@@ -21,12 +21,13 @@ __all__ = ["KINDS", "LABELLERS", "filter_views", "load_chexpert", "load_csv", "l
            "load_nih", "parse_source"]
 
 
-def parse_source(spec: str, views=None, labeller: str = "chexpert", labels=None) -> Records:
+def parse_source(spec: str, views=None, labeller: str = "chexpert", labels=None, duplicates: str = "warn") -> Records:
     """Load ``KIND:LOCATION``, e.g. ``nih:/data/ChestX-ray14`` or ``folder:./scans``.
 
     ``views``: None keeps every view; else "frontal", "lateral", a view position ("PA") or a list or
     comma-separated string of them. ``labeller``: MIMIC's chexpert or negbio labels. ``labels``: the
-    label columns of a ``csv:`` source, or the label space a ``folder:`` source reports.
+    label columns of a ``csv:`` source, or the label space a ``folder:`` source reports. ``duplicates``:
+    ``warn`` or ``drop`` exact duplicate rows of a ``csv:`` source.
     """
     kind, location = split_spec(spec)
     if kind == "nih":
@@ -36,7 +37,7 @@ def parse_source(spec: str, views=None, labeller: str = "chexpert", labels=None)
     if kind == "mimic":
         return load_mimic(location, views, labeller=labeller)
     if kind == "csv":
-        return load_csv(location, views, labels=labels)
+        return load_csv(location, views, labels=labels, duplicates=duplicates)
     if kind == "folder":
         return load_folder(location, views, labels=labels)
     from ..synthetic import load_synthetic  # written separately; imported only when asked for

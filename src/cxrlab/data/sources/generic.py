@@ -1,6 +1,7 @@
 """A user's own data: a CSV of paths and label columns, or a folder of images without labels."""
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -11,25 +12,38 @@ from ...errors import CxrlabError, unknown
 from ...labels import LabelSpace, parse_labels
 from ..images import IMAGE_SUFFIXES
 from ..records import Records
-from ._common import abspath, finish, first_line, label_matrix, looks_numeric, make_meta, read_table, space_for
+from ._common import (abspath, finish, first_line, label_matrix, looks_numeric, make_meta, read_table,
+                      require_columns, space_for)
 
 META_COLUMNS = ("path", "patient_id", "study_id", "view", "split")
+DUPLICATES = ("warn", "drop")
+YES_NO = {"yes", "no", "y", "n", "true", "false", "positive", "negative"}
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validate": "val", "validation": "val",
                "test": "test"}
 
 
-def load_csv(location, views=None, labels=None) -> Records:
-    """Rows of a CSV: the ``path`` column (else the first column; relative paths are relative to the
-    CSV's folder), label columns (``labels`` or every other mostly-numeric column), and optional
-    ``patient_id`` (else the file stem: one patient per image), ``study_id``, ``view``, ``split``."""
+def load_csv(location, views=None, labels=None, duplicates: str = "warn") -> Records:
+    """Rows of a CSV: the ``path`` column (required; relative paths are relative to the CSV's folder),
+    label columns (``labels`` or every other mostly-numeric column), and optional ``patient_id`` (else
+    the file stem: one patient per image), ``study_id``, ``view``, ``split``.
+
+    Labels are 1, 0, -1 or blank; a column of yes/no (true/false) words is an error naming it rather
+    than a column silently left out. Exact duplicate rows are counted in a warning (``duplicates="drop"``
+    keeps the first of each); one image listed twice with different patients or labels is an error
+    naming both lines, since it could land on both sides of a patient-disjoint split.
+    """
     csv = abspath(location)
     if not csv.is_file():
         raise CxrlabError(f"csv: file not found: {csv}")
+    if duplicates not in DUPLICATES:
+        raise unknown("duplicates option", duplicates, DUPLICATES)
     df = read_table(csv)
     if df.shape[1] == 0:
         raise CxrlabError(f"{csv}: no columns")
-    path_column = "path" if "path" in df.columns else df.columns[0]
+    require_columns(df, ["path"], csv)
+    path_column = "path"
     columns = _label_columns(df, path_column, labels, csv)
+    keep = _duplicates(df, csv, duplicates, [c for c in ("patient_id", *columns) if c in df.columns])
     try:
         values = label_matrix(df, columns, csv)
     except CxrlabError as exc:
@@ -45,6 +59,8 @@ def load_csv(location, views=None, labels=None) -> Records:
     stem = rel.str.replace(r"^.*[/\\]", "", regex=True).str.replace(r"\.[^.]*$", "", regex=True)
     meta = make_meta(paths, _column_or(df, "patient_id", stem), _column_or(df, "study_id", stem),
                      _column_or(df, "view", None), split=_split(df, csv))
+    if not keep.all():
+        meta, values = meta[keep].reset_index(drop=True), values[keep]
     space = labels if isinstance(labels, LabelSpace) else space_for(columns, csv.stem)
     return finish("csv", space, values, meta, views, csv)
 
@@ -57,7 +73,38 @@ def _label_columns(df: pd.DataFrame, path_column: str, labels, csv: Path) -> lis
                 raise CxrlabError(f"{csv}: {unknown('label column', name, map(str, df.columns))}")
         return names
     skip = {path_column, *META_COLUMNS}
+    for c in df.columns:
+        if c not in skip and not looks_numeric(df[c]):
+            words = set(df[c].dropna().astype("str").str.strip().str.lower()) - {""}
+            if words and words <= YES_NO:
+                raise CxrlabError(f"{csv}: column {c!r} holds yes/no words ({', '.join(sorted(words))}); write "
+                                  "labels as 1 (positive), 0 (negative), -1 (uncertain) or blank (unknown)")
     return [c for c in df.columns if c not in skip and looks_numeric(df[c])]
+
+
+def _duplicates(df: pd.DataFrame, csv: Path, duplicates: str, identity: list[str]) -> np.ndarray:
+    """The rows to keep. Rows repeating a path with the same ``identity`` (patient, labels): a warning
+    with their count (dropped with ``duplicates="drop"``); the same path with a different identity: an
+    error naming the first two such lines."""
+    key = df[["path", *identity]].astype("str").apply(lambda col: col.str.strip())
+    exact = key.duplicated(keep="first").to_numpy(bool)
+    if exact.any():
+        lines = ", ".join(str(i + 2) for i in np.flatnonzero(exact)[:5])
+        action = "dropped" if duplicates == "drop" else "kept (data.duplicates=drop drops them)"
+        logging.getLogger("cxrlab").warning(f"warning: {csv}: {int(exact.sum())} duplicate rows (lines "
+                                            f"{lines}{', ...' if exact.sum() > 5 else ''}) {action}")
+    distinct = key[~exact]
+    clash = distinct["path"].duplicated(keep=False).to_numpy(bool)
+    if clash.any():
+        first = distinct[clash].iloc[0]["path"]
+        rows = np.flatnonzero(distinct["path"].to_numpy() == first)
+        a, b = distinct.index[rows[0]], distinct.index[rows[1]]
+        differ = [c for c in identity if key.at[a, c] != key.at[b, c]]
+        raise CxrlabError(f"{csv}: lines {a + 2} and {b + 2} list the same image {first!r} with different "
+                          f"{', '.join(repr(c) for c in differ)}; one image must have one patient and one "
+                          "set of labels")
+    return ~exact if duplicates == "drop" else np.ones(len(df), dtype=bool)
+
 
 
 def _column_or(df: pd.DataFrame, column: str, default) -> pd.Series | None:
