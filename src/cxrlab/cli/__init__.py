@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -13,6 +14,10 @@ def main(argv: list[str] | None = None) -> int:
     # one line per epoch on stderr (the progress bar only shows on a terminal; batch logs need this)
     logging.basicConfig(format="%(message)s")
     logging.getLogger("cxrlab").setLevel(logging.INFO)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # --debug anywhere on the line (or CXRLAB_DEBUG=1): show the traceback of an error
+    debug = "--debug" in argv or os.environ.get("CXRLAB_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     # KEY=VALUE overrides may come before or after the options (argparse alone takes them only before)
     args, extra = parser.parse_known_args(argv)
@@ -26,15 +31,38 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args) or 0
-    except CxrlabError as exc:
-        print(f"cxrlab: error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("cxrlab: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one line per error; the traceback only when asked for
+        if debug:
+            raise
+        print(f"cxrlab: error: {_error_line(exc)}", file=sys.stderr)
         return 2
+
+
+def _error_line(exc: BaseException) -> str:
+    """One line for any error: a CxrlabError's own message, an OS error with its path and reason (a full
+    disk, a denied folder), anything else with its type and a hint that ``--debug`` shows where."""
+    import errno
+
+    if isinstance(exc, CxrlabError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        where = f"{exc.filename}: " if exc.filename else ""
+        reason = exc.strerror or str(exc)
+        if exc.errno == errno.ENOSPC:
+            reason += " (free some space or write elsewhere)"
+        return f"{where}{reason}"
+    return f"{type(exc).__name__}: {exc} (unexpected; rerun with --debug for the traceback)"
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .data import add_data_commands, add_prepare_command
 
     parser = argparse.ArgumentParser(prog="cxrlab", description="Multi-label chest X-ray classification.")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error (anywhere on the line; or CXRLAB_DEBUG=1)")
     sub = parser.add_subparsers(dest="command")
     add_data_commands(sub)
     add_prepare_command(sub)
@@ -48,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one model from a recipe; writes checkpoints and a test report")
     _recipe_args(p)
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out exactly")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("cv", help="R×K patient-disjoint cross-validation: one model per fold, mean ± std")
@@ -75,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", default=None)
     p.add_argument("--split", default="all", help="all | train | val | test (official split column)")
     p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--overwrite", action="store_true", help="replace the contents of an existing --out folder")
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("predict", help="probabilities and thresholded labels for images or a folder")
@@ -82,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", type=Path, help="image files or folders")
     p.add_argument("--out", required=True, type=Path, help="CSV file to write")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.add_argument("--strict", action="store_true",
+                   help="exit with status 1 when an image cannot be read (it is listed in the error column)")
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("heatmap", help="per-label heatmaps (LCL attention or class activation maps) as PNGs")
@@ -114,7 +147,10 @@ def _train(args) -> int:
     from ..config import load_recipe
     from ..workflows.experiment import run
 
+    from ..outputs import check_run_dir
+
     recipe = load_recipe(args.recipe, args.overrides)
+    check_run_dir(args.out, resume=args.resume, overwrite=args.overwrite)
     result = run(recipe, args.out, resume=args.resume)
     if _is_main():
         print(f"report: {result.report}")
@@ -145,6 +181,9 @@ def _compare(args) -> int:
 def _evaluate(args) -> int:
     from ..workflows.evaluate import evaluate_checkpoint
 
+    from ..outputs import check_output_dir
+
+    check_output_dir(args.out, overwrite=args.overwrite, what="evaluation folder")
     report = evaluate_checkpoint(args.checkpoint, args.data, args.out, policy=args.policy, split=args.split)
     print(f"report: {report}")
     return 0
@@ -153,9 +192,14 @@ def _evaluate(args) -> int:
 def _predict(args) -> int:
     from ..workflows.predict import predict_files
 
+    from ..outputs import check_output_file
+
+    check_output_file(args.out, overwrite=args.overwrite, what="predictions file")
     table = predict_files(args.checkpoint, args.inputs, args.out, batch_size=args.batch_size)
-    print(f"wrote {len(table)} predictions to {args.out}")
-    return 0
+    failed = table["error"].fillna("").astype(bool) if "error" in table else table["path"].isna()
+    print(f"wrote {len(table)} rows to {args.out}: {int((~failed).sum())} predicted, {int(failed.sum())} "
+          "unreadable (see its error column)")
+    return 1 if args.strict and failed.any() else 0
 
 
 def _heatmap(args) -> int:
