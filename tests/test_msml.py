@@ -179,6 +179,9 @@ def test_bilinear_output_dimension_and_normalisation():
     torch.testing.assert_close(out.extras["features"], expected, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(out.extras["features"].norm(dim=1), torch.ones(3))
     torch.testing.assert_close(out.logits, head.classifier(expected), atol=1e-5, rtol=1e-4)
+    scaled = HEADS.get("bilinear")(6, 5, dim=None, feature_scale=6.0)
+    scaled.load_state_dict(head.state_dict())
+    torch.testing.assert_close(scaled(x).logits, head.classifier(6.0 * expected), atol=1e-5, rtol=1e-4)
     reduced = HEADS.get("bilinear")(6, 5, dim=4)(x)
     assert reduced.extras["features"].shape == (3, 16)
     for sketch in ("tensor_sketch", "random_maclaurin"):
