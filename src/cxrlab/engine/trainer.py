@@ -136,7 +136,7 @@ class Trainer:
             self._restore(previous)
             log.info("resumed from %s at epoch %d (step %d)", previous, self.epoch, self.step)
         elif resume:
-            log.info("nothing to resume in %s: starting afresh", self.out_dir)
+            log.warning("nothing to resume in %s (no last/checkpoint.json): starting afresh", self.out_dir)
         writer = self._tensorboard()
         try:
             while self.epoch < self.cfg.epochs and not self.best["stopped"]:
