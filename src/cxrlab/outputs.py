@@ -71,7 +71,8 @@ def check_run_dir(path: Path, resume: bool = False, overwrite: bool = False) -> 
         raise CxrlabError(f"{path} already holds a run ({', '.join(found)}); use --resume to continue it, "
                           "--overwrite to replace it, or choose another --out")
     writable_dir(path, "run folder")
-    if overwrite and not (resume and latest(path) is not None):
+    # under torchrun every rank checks, one removes
+    if overwrite and not (resume and latest(path) is not None) and os.environ.get("RANK", "0") == "0":
         for name in found:
             target = path / name
             shutil.rmtree(target) if target.is_dir() else target.unlink()
