@@ -90,6 +90,11 @@ def test_evaluate_on_files_reproduces_the_run_metrics(trained, tmp_path):
     scored = json.loads((out / "metrics.json").read_text())
     assert scored["macro_auc"] == pytest.approx(metrics["macro_auc"], abs=1e-3)
     assert scored["map"] == pytest.approx(metrics["map"], abs=1e-3)
+    # the training recipe's eval.min_positives flags the same few-positive labels in both reports
+    assert scored["min_positives"] == metrics["min_positives"] == recipe.eval.min_positives
+    assert scored["unreliable_labels"] == metrics["unreliable_labels"]
+    assert metrics["unreliable_labels"] == [n for n in names if 0 < metrics["per_label"][n]["n_positive"]
+                                            < recipe.eval.min_positives]
 
 
 def test_evaluate_maps_nih_labels_onto_chexpert_names(trained, tmp_path):

@@ -41,8 +41,15 @@ def _thin(*arrays):
     return tuple(a[keep] for a in arrays)
 
 
+def unreliable(entry: dict) -> bool:
+    """A per-label report entry whose AUC rests on too few positives (``multilabel_report``'s
+    ``min_positives``); reports written before the flag existed count as reliable."""
+    return entry.get("auc") is not None and entry.get("reliable") is False
+
+
 def plot_roc_curves(path, probs, targets, mask, label_names, per_label: dict | None = None) -> Path:
-    """ROC curve per label as small multiples, titled with the AUC; undefined labels say so."""
+    """ROC curve per label as small multiples, titled with the AUC; undefined labels say so, and labels
+    with too few positives are drawn grey and marked † with their positive count."""
     p, t, known = check_inputs(probs, targets, mask, label_names)
     rows, cols = _grid(len(label_names))
     fig = _figure(2.4 * cols, 2.3 * rows)
@@ -54,8 +61,11 @@ def plot_roc_curves(path, probs, targets, mask, label_names, per_label: dict | N
         if y.any() and not y.all():
             fpr, tpr, _ = roc_points(p[known[:, j], j], y)
             fpr, tpr = _thin(fpr, tpr)
-            ax.plot(fpr, tpr, lw=1.2)
-            ax.set_title(f"{name}" + (f"\nAUC {auc:.3f}" if auc is not None else ""), fontsize=8)
+            flagged = unreliable((per_label or {}).get(name, {}))
+            ax.plot(fpr, tpr, lw=1.2, color="grey" if flagged else "tab:blue")
+            note = f" † n+={int(y.sum())}, unreliable" if flagged else ""
+            ax.set_title(f"{name}" + (f"\nAUC {auc:.3f}{note}" if auc is not None else ""), fontsize=8,
+                         color="grey" if flagged else "black")
         else:
             ax.text(0.5, 0.5, "undefined\n(one class)", ha="center", va="center", fontsize=8)
             ax.set_title(name, fontsize=8)
@@ -70,13 +80,21 @@ def plot_roc_curves(path, probs, targets, mask, label_names, per_label: dict | N
 
 
 def plot_auc_bars(path, per_label: dict) -> Path:
-    """Horizontal per-label AUC bars with bootstrap CI error bars where present; undefined labels marked."""
+    """Horizontal per-label AUC bars with bootstrap CI error bars where present; undefined labels marked,
+    labels with too few positives grey, hatched and marked † with their positive count."""
     names = list(per_label)
     auc = np.array([np.nan if per_label[n].get("auc") is None else per_label[n]["auc"] for n in names])
+    flagged = [unreliable(per_label[n]) for n in names]
     fig = _figure(6, 0.3 * len(names) + 1.2)
     ax = fig.add_subplot()
     y = np.arange(len(names))
-    ax.barh(y, np.nan_to_num(auc, nan=0.0), color="tab:blue", alpha=0.8)
+    bars = ax.barh(y, np.nan_to_num(auc, nan=0.0), color=["lightgrey" if f else "tab:blue" for f in flagged],
+                   alpha=0.8)
+    for bar, f, name in zip(bars, flagged, names):
+        if f:
+            bar.set_hatch("//")
+            ax.text(0.51, bar.get_y() + bar.get_height() / 2, f"† n+ = {per_label[name].get('n_positive', '?')}: "
+                    "unreliable", va="center", fontsize=7, color="dimgrey")
     cis = [per_label[n].get("auc_ci") for n in names]
     for i, ci in enumerate(cis):
         if ci and ci[0] is not None and np.isfinite(auc[i]):
@@ -84,7 +102,7 @@ def plot_auc_bars(path, per_label: dict) -> Path:
         if not np.isfinite(auc[i]):
             ax.text(0.51, i, "undefined", va="center", fontsize=7, color="grey")
     ax.axvline(0.5, ls=":", c="grey")
-    ax.set_yticks(y, names, fontsize=7)
+    ax.set_yticks(y, [f"{n} †" if f else n for n, f in zip(names, flagged)], fontsize=7)
     ax.invert_yaxis()
     ax.set_xlim(0.5 if np.nanmin(np.r_[auc, 1.0]) >= 0.5 else 0.0, 1.0)
     ax.set_xlabel("ROC AUC")
@@ -120,7 +138,13 @@ def plot_cooccurrence(path, targets, mask, label_names) -> Path:
 
 
 METRIC_WORDS = ("auc", "f1", "map", "acc", "precision", "recall")
-SKIP_WORDS = ("time", "sec", "step", "throughput", "images", "memory")  # bookkeeping, not curves
+SKIP_WORDS = ("time", "sec", "step", "memory")  # bookkeeping, not curves
+
+
+def _is_rate(key: str) -> bool:
+    """Throughput such as ``train_img_s`` (images per second): hundreds, not a loss's ~1."""
+    k = key.lower()
+    return k.endswith("_s") or "per_s" in k or "throughput" in k
 
 
 def _series(history: list[dict], key: str):
@@ -133,20 +157,31 @@ def _numeric(v) -> bool:
 
 
 def _panels(keys: list[str]) -> list[tuple[str, list[str], bool]]:
-    """(title, keys, log-scale): losses (total and per term), quality metrics, learning rates."""
+    """(title, keys, log-scale): losses (total and per term: ``*loss*``, ``train_*``, ``val_*``), quality
+    metrics, learning rates, throughput, and any other statistic, each on its own axis."""
     lrs = [k for k in keys if k == "lr" or k.startswith(("lr", "learning_rate"))]
-    metrics = [k for k in keys if k not in lrs and any(w in k.lower() for w in METRIC_WORDS)]
-    losses = [k for k in keys if k not in lrs and k not in metrics]
+    rates = [k for k in keys if k not in lrs and _is_rate(k)]
+    metrics = [k for k in keys if k not in lrs + rates and any(w in k.lower() for w in METRIC_WORDS)]
+    rest = [k for k in keys if k not in lrs + rates + metrics]
+    losses = [k for k in rest if "loss" in k.lower() or k.startswith(("train_", "val_"))]
+    other = [k for k in rest if k not in losses]
     return [(t, ks, log) for t, ks, log in (("losses", losses, False), ("metrics", metrics, False),
-                                            ("learning rate", lrs, True)) if ks]
+                                            ("learning rate", lrs, True), ("throughput (per second)", rates, False),
+                                            ("other statistics", other, False)) if ks]
+
+
+def history_panels(history: list[dict]) -> list[tuple[str, list[str], bool]]:
+    """The panels ``plot_history`` draws: (title, keys, log-scale) of the numeric, non-bookkeeping keys."""
+    keys = list(dict.fromkeys(k for h in history for k, v in h.items() if k != "epoch" and _numeric(v)
+                              and not any(w in k.lower() for w in SKIP_WORDS)))
+    return _panels(keys)
 
 
 def plot_history(path, history: list[dict]) -> Path:
-    """Training curves from per-epoch dicts: losses (total and per term), validation metrics and the
-    learning rate in separate panels, so a per-term loss is not squashed by an AUC axis."""
-    keys = list(dict.fromkeys(k for h in history for k, v in h.items() if k != "epoch" and _numeric(v)
-                              and not any(w in k.lower() for w in SKIP_WORDS)))
-    panels = _panels(keys)
+    """Training curves from per-epoch dicts: losses (total and per term), validation metrics, the
+    learning rate, throughput and other statistics in separate panels, so a loss is squashed neither by
+    an AUC axis nor by images per second."""
+    panels = history_panels(history)
     fig = _figure(4.6 * max(1, len(panels)), 3.6)
     axes = fig.subplots(1, max(1, len(panels)), squeeze=False).ravel()
     for ax, (title, ks, log) in zip(axes, panels):

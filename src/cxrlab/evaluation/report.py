@@ -76,11 +76,27 @@ def report_markdown(metrics: dict, label_names, config: dict | None, figures: di
             lines.append(f"| {label} | {_num(metrics[key], 4)} | {_ci(metrics.get(key + '_ci'))} |")
     undefined = metrics.get("undefined_labels") or []
     lines += ["", "Macro averages skip labels lacking both classes: "
-              + (", ".join(undefined) if undefined else "none") + ".", ""]
+              + (", ".join(undefined) if undefined else "none") + "."]
+    lines += _reliability_note(metrics) + [""]
     lines += _per_label_table(metrics["per_label"], label_names)
     for caption, fig in figures.items():
         lines += ["", f"## {caption}", "", f"![{caption}]({Path(fig).name})"]
     return "\n".join(lines) + "\n"
+
+
+def _reliability_note(metrics: dict) -> list[str]:
+    """Which labels have too few positives for their AUC to mean much, and whether the macro kept them."""
+    floor = metrics.get("min_positives") or 0
+    if floor <= 0:
+        return []
+    flagged = metrics.get("unreliable_labels") or []
+    if not flagged:
+        return ["", f"Every label has at least {floor} positives among the evaluated images."]
+    counts = ", ".join(f"{n} (n+ = {metrics['per_label'].get(n, {}).get('n_positive', '?')})" for n in flagged)
+    verdict = ("left out of the macro averages above" if metrics.get("macro_excludes_unreliable")
+               else "still included in the macro averages above (eval.exclude_unreliable=true leaves them out)")
+    return ["", f"**Unreliable (†): fewer than {floor} positives among the evaluated images**: {counts}. "
+            f"Their AUC, CI and F1 rest on too few images to mean much; they are {verdict}."]
 
 
 def _per_label_table(per_label: dict, label_names) -> list[str]:
@@ -91,7 +107,8 @@ def _per_label_table(per_label: dict, label_names) -> list[str]:
         auc = _num(m.get("auc")) + (f" {_ci(m.get('auc_ci'))}" if m.get("auc_ci") else "")
         if m.get("auc") is None:
             auc = "undefined"
-        lines.append(f"| {name} | {auc} | {_num(m.get('ap'))} | {_num(m.get('f1'))} | {_num(m.get('threshold'))} "
+        shown = f"{name} †" if plots.unreliable(m) else name
+        lines.append(f"| {shown} | {auc} | {_num(m.get('ap'))} | {_num(m.get('f1'))} | {_num(m.get('threshold'))} "
                      f"| {_num(m.get('sensitivity'))} | {_num(m.get('specificity'))} "
                      f"| {m.get('n_positive', '–')} | {m.get('n_negative', '–')} |")
     return lines

@@ -72,8 +72,11 @@ def evaluate_checkpoint(checkpoint: Path, source: str, out_dir: Path, policy: st
                           policy or data["policy"].replace("spml", "u_zeros"))
     rows = result.rows
     probs = predictor.predict_read(lambda i: records.read(int(rows[i])), len(rows))[:, outputs]
+    evaluation = predictor.info["recipe"].get("eval", {})  # the training recipe's reliability floor
     metrics = multilabel_report(probs, result.target, result.mask, names,
-                                thresholds=predictor.thresholds[outputs])
+                                thresholds=predictor.thresholds[outputs],
+                                min_positives=evaluation.get("min_positives", 10),
+                                exclude_unreliable=evaluation.get("exclude_unreliable", False))
     metrics["threshold_source"] = "the checkpoint's (fitted on its training run's validation part)"
     if mapped:
         metrics["label_mapping"] = mapped

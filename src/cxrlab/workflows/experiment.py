@@ -141,7 +141,9 @@ def run(recipe: Recipe, out_dir: Path, resume: bool = False, data: PreparedData 
     test_probs, test_target, test_mask = test_probs[:, cols], test_target[:, cols], test_mask[:, cols]
     thresholds = fit_thresholds(val_probs, val_target, val_mask, method=recipe.eval.threshold)
     metrics = multilabel_report(test_probs, test_target, test_mask, names, thresholds=thresholds,
-                                bootstrap=recipe.eval.bootstrap, ci=recipe.eval.ci, seed=recipe.train.seed)
+                                bootstrap=recipe.eval.bootstrap, ci=recipe.eval.ci, seed=recipe.train.seed,
+                                min_positives=recipe.eval.min_positives,
+                                exclude_unreliable=recipe.eval.exclude_unreliable)
     metrics["threshold_source"] = f"per label, fitted on the validation part ({recipe.eval.threshold})"
     metrics["split_sizes"] = {name: int(len(rows)) for name, rows in parts.items()}
     if fit.get("epoch_stats"):
