@@ -247,6 +247,14 @@ def test_chexpert_official_test_labels_are_the_test_part(tmp_path):
 
     parts = official_split(parse_source(f"chexpert:{dataset}"))
     assert [len(parts[k]) for k in ("train", "val", "test")] == [2, 2, 3]
+    # a recipe's official split then keeps valid.csv as validation and tests on the official test labels
+    from cxrlab.config import Recipe
+    from cxrlab.data.prepared import split_rows
+
+    recipe = Recipe()
+    recipe.data.split = "official"
+    rows = split_rows(recipe, types.SimpleNamespace(index=parse_source(f"chexpert:{dataset}").meta))
+    assert {k: v.tolist() for k, v in rows.items()} == {"train": [0, 1], "val": [2, 3], "test": [4, 5, 6]}
     alone = parse_source(f"chexpert:{dataset / 'test_labels.csv'}")  # the file itself
     assert set(alone.meta["split"]) == {"test"} and len(alone) == 3
 
