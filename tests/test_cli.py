@@ -74,6 +74,22 @@ def test_cv_and_compare(trained, tmp_path):
     before = log.stat().st_mtime_ns
     assert main(args) == 0
     assert log.stat().st_mtime_ns == before and json.loads((out / "comparison.json").read_text()) == table
+    # each recipe against the reference (default: the first), paired on the same test images
+    sig = json.loads((out / "significance.json").read_text())
+    assert sig["reference"] == "demo" and list(sig["recipes"]) == ["spml_an"]
+    vs_demo = sig["recipes"]["spml_an"]
+    n_test = len(pd.read_csv(out / "demo" / "seed0" / "report" / "test_predictions.csv"))
+    assert vs_demo["runs"] == 1 and vs_demo["images"] == vs_demo["rows"] == n_test
+    auc = vs_demo["macro_auc"]
+    assert auc["difference"] == pytest.approx(auc["recipe"] - auc["reference"])
+    assert auc["ci"][0] <= auc["difference"] <= auc["ci"][1] and 0 < auc["p_bootstrap"] <= 1
+    assert 0 <= auc["p_delong"] <= 1
+    assert "## Against the reference `demo`" in (out / "comparison.md").read_text()
+    assert main(args + ["--reference", "spml_an", "--resamples", "200"]) == 0  # runs read back, not retrained
+    back = json.loads((out / "significance.json").read_text())
+    assert back["reference"] == "spml_an" and back["resamples"] == 200
+    assert back["recipes"]["demo"]["macro_auc"]["difference"] == pytest.approx(-auc["difference"])
+    assert main(args + ["--reference", "spml"]) == 2
     # a single-positive checkpoint predicts an added "No Finding" label; a source without it still scores
     spml = out / "spml_an" / "seed0" / "best"
     assert main(["evaluate", str(spml), "--data", "synthetic:64,seed=3,size=32", "--out", str(tmp_path / "ev")]) == 0

@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override applied to every recipe (repeatable)")
     p.add_argument("--folds-file", default=None, help="fold manifest from `cxrlab data split`: every recipe "
                    "runs on its folds (sets data.folds_file)")
+    p.add_argument("--reference", default=None, help="recipe the others are tested against (paired, on the "
+                   "same test images; default: the first)")
+    p.add_argument("--resamples", type=int, default=1000, help="paired bootstrap resamples (default 1000)")
     p.add_argument("--out", required=True, type=Path)
     p.set_defaults(func=_compare)
 
@@ -173,7 +176,8 @@ def _compare(args) -> int:
 
     cv = _parse_cv(args.cv) if args.cv else None
     paths = compare(args.recipes, args.out, data=args.data, cv=cv, seeds=args.seeds,
-                    overrides=args.overrides + _folds_file(args))
+                    overrides=args.overrides + _folds_file(args), reference=args.reference,
+                    resamples=args.resamples)
     print(f"comparison: {paths[0]}")
     return 0
 

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from ..config import Recipe, load_recipe
-from ..errors import CxrlabError
+from ..errors import CxrlabError, unknown
 from ..serialization import to_jsonable
 
 
@@ -80,11 +80,15 @@ def run_cv(recipe: Recipe, out_dir: Path, repeats: int, folds: int, data=None, m
 
 
 def compare(recipes: list[str], out_dir: Path, data: str | None = None, cv: tuple[int, int] | None = None,
-            seeds: int | None = None, overrides: list[str] = (), progress: bool = True):
+            seeds: int | None = None, overrides: list[str] = (), progress: bool = True,
+            reference: str | None = None, resamples: int = 1000):
     """Run several recipes on identical data and splits; write comparison.md and comparison.json.
 
     With ``cv = (R, K)`` every recipe uses the same R×K manifest (made once, from the first recipe's
     labels); with ``seeds = N`` every recipe trains N times (train.seed = 0..N-1) on the recipe split.
+    With two or more recipes, each is also tested against ``reference`` (default: the first) on the same
+    test images (``evaluation.paired``: runs matched fold by fold or seed by seed and pooled, the
+    reference's evaluation labels); the result goes to significance.json and a comparison.md section.
     """
     from .experiment import check_parts, prepare_data
     from ..evaluation.tables import aggregate, write_comparison
@@ -99,20 +103,23 @@ def compare(recipes: list[str], out_dir: Path, data: str | None = None, cv: tupl
             raise CxrlabError(f"recipe {recipe.name!r} given twice")
         loaded[recipe.name] = recipe
     first = next(iter(loaded.values()))
+    reference = _reference_name(reference, recipes, loaded)
     _check_same_data(loaded)
     for recipe in loaded.values():  # every recipe's parts, before hours of training the first ones
         check_parts(recipe)
     shared = prepare_data(first, progress=progress)
-    results = {}
+    results, run_dirs, datasets = {}, {}, {}
     manifest = None
     if cv or first.data.folds_file:
         manifest = make_manifest(first, shared, *(cv or (1, 2)), out_dir / "splits.csv")
         cv = manifest_shape(manifest)
     for name, recipe in loaded.items():
         data_for_recipe = shared if _same_labels(first, recipe) else prepare_data(recipe, progress=progress)
+        datasets[name] = data_for_recipe
         if cv:
             summary = run_cv(recipe, out_dir / name, cv[0], cv[1], data=data_for_recipe, manifest=manifest,
                              progress=progress)
+            run_dirs[name] = [out_dir / name / f"r{r}f{k}" for r in range(cv[0]) for k in range(cv[1])]
         else:
             reports = []
             for seed in range(seeds or 1):
@@ -120,8 +127,44 @@ def compare(recipes: list[str], out_dir: Path, data: str | None = None, cv: tupl
                 reports.append(_run_once(recipe, out_dir / name / f"seed{seed}", data=data_for_recipe,
                                          progress=progress))
             summary = aggregate(reports)
+            run_dirs[name] = [out_dir / name / f"seed{seed}" for seed in range(seeds or 1)]
         results[name] = summary
-    return write_comparison(results, out_dir)
+    paths = write_comparison(results, out_dir)
+    if len(loaded) > 1:
+        _write_significance(run_dirs, reference, datasets[reference], out_dir, paths[0], resamples,
+                            seed=loaded[reference].data.seed)
+    return paths
+
+
+def _reference_name(reference: str | None, given: list[str], loaded: dict) -> str:
+    """The loaded name of the reference recipe, given as on the command line or by its recipe name."""
+    if reference is None:
+        return next(iter(loaded))
+    by_argument = dict(zip(given, loaded))
+    if reference in by_argument:
+        return by_argument[reference]
+    if reference in loaded:
+        return reference
+    raise unknown("reference recipe (--reference)", reference, list(loaded))
+
+
+def _write_significance(run_dirs: dict, reference: str, data, out_dir: Path, md_path: Path, resamples: int,
+                        seed: int) -> dict:
+    """Paired tests against the reference, scored on the reference's evaluation labels."""
+    import pandas as pd
+
+    from ..evaluation.paired import paired_significance, significance_markdown
+    from ..serialization import write_json
+
+    cols = data.eval_columns
+    paths = data.index["path"].to_numpy()
+    names = list(data.eval_labels.names)
+    targets = pd.DataFrame(data.eval_target[:, cols], index=paths, columns=names)
+    mask = pd.DataFrame(data.eval_mask[:, cols], index=paths, columns=names)
+    result = paired_significance(run_dirs, reference, targets, mask, resamples=resamples, seed=seed)
+    write_json(out_dir / "significance.json", result)
+    md_path.write_text(md_path.read_text() + significance_markdown(result))
+    return result
 
 
 def _run_once(recipe: Recipe, run_dir: Path, **kwargs) -> dict:
