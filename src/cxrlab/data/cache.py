@@ -20,6 +20,7 @@ started them (Linux: ``PR_SET_PDEATHSIG``) and do not keep the lock, so a ``kill
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import multiprocessing
@@ -130,11 +131,14 @@ def prepare(records: Records, out_dir, size: int, mode: str = "pad", workers: in
     cache of the same source, size and mode is reused as is; one of anything else is an error.
     """
     _check_args(size, mode, on_error, workers)
-    from ..outputs import writable_dir
-
     out_dir = Path(out_dir)
     key = fingerprint(records)
-    writable_dir(out_dir.parent, "cache folder")
+    try:  # said now, not as a traceback from the lock file or after an hour of decoding
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(out_dir.parent, os.W_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+    except OSError as exc:
+        raise CxrlabError(f"cache folder {out_dir.parent} is not writable ({exc.strerror or exc})") from None
     with _lock(out_dir):
         if (out_dir / INFO).is_file():
             return _reuse(out_dir, key, size, mode)
