@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -125,3 +126,17 @@ def test_ensemble_command(tmp_path, capsys):
     assert [m["weight"] for m in info["members"]] == pytest.approx([2 / 3, 1 / 3])
     assert main(["ensemble", str(f0), "--out", str(tmp_path / "bad"), "--weights", "two"]) == 2
     assert "--weights 'two'" in capsys.readouterr().err
+
+
+def test_evaluate_scores_an_ensemble_like_a_single_model(tmp_path):
+    from cxrlab.labels import NIH14
+    from cxrlab.workflows.evaluate import evaluate_checkpoint
+
+    f0, _ = make_checkpoint(tmp_path / "m0", 0, labels=list(NIH14.names))
+    f1, _ = make_checkpoint(tmp_path / "m1", 1, labels=list(NIH14.names) + ["No Finding"])
+    ens = build_ensemble([f0, f1], tmp_path / "ens")
+    report = evaluate_checkpoint(ens, "synthetic:40,size=32", tmp_path / "eval")
+    single = evaluate_checkpoint(f0, "synthetic:40,size=32", tmp_path / "eval0")
+    a = json.loads((Path(report).parent / "metrics.json").read_text())
+    b = json.loads((Path(single).parent / "metrics.json").read_text())
+    assert set(a) == set(b) and set(a["per_label"]) == set(NIH14.names)
