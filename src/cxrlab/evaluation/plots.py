@@ -93,8 +93,9 @@ def plot_auc_bars(path, per_label: dict) -> Path:
     for bar, f, name in zip(bars, flagged, names):
         if f:
             bar.set_hatch("//")
-            ax.text(0.51, bar.get_y() + bar.get_height() / 2, f"† n+ = {per_label[name].get('n_positive', '?')}: "
-                    "unreliable", va="center", fontsize=7, color="dimgrey")
+            ax.text(0.995, bar.get_y() + bar.get_height() / 2, f"† n+ = {per_label[name].get('n_positive', '?')}: "
+                    "unreliable", va="center", ha="right", fontsize=7, color="dimgrey",
+                    bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.85, "pad": 1})
     cis = [per_label[n].get("auc_ci") for n in names]
     for i, ci in enumerate(cis):
         if ci and ci[0] is not None and np.isfinite(auc[i]):
