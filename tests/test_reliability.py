@@ -43,11 +43,22 @@ def one_error_line(err: str) -> str:
     return errors[0]
 
 
+def _no_plots(folder, *args, **kwargs):
+    """Stands in for the report writer: its plots are slow and not what these tests are about."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "report.md").write_text("report\n")
+    return folder / "report.md"
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
+    import cxrlab.evaluation.report as report
+
     root = tmp_path_factory.mktemp("rel")
     overrides = TINY + [f"data.cache_dir={root / 'cache'}"]
-    assert main(["train", "demo", "--out", str(root / "run"), *overrides]) == 0
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(report, "write_report", _no_plots)
+        assert main(["train", "demo", "--out", str(root / "run"), *overrides]) == 0
     return root, overrides
 
 
@@ -89,11 +100,7 @@ def test_train_overwrite_replaces_the_run(trained, tmp_path, monkeypatch):
     shutil.copytree(root / "run", run)
     (run / "best" / "stale.txt").write_text("from the old run")
     (run / "report" / "stale.txt").write_text("from the old run")
-    def no_plots(folder, *args, **kwargs):  # the report's plots are slow and not what is tested here
-        folder.mkdir(parents=True, exist_ok=True)
-        return folder / "report.md"
-
-    monkeypatch.setattr(report, "write_report", no_plots)
+    monkeypatch.setattr(report, "write_report", _no_plots)
     assert main(["train", "demo", "--out", str(run), "--overwrite", *overrides]) == 0
     # old checkpoints and report removed, not mixed with the new run's
     assert not (run / "best" / "stale.txt").exists() and not (run / "report" / "stale.txt").exists()
