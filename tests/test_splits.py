@@ -9,7 +9,7 @@ import pytest
 
 from cxrlab.data.records import Records
 from cxrlab.data.sources import parse_source
-from cxrlab.data.splits import fold_balance, official_split, random_split, read_manifest, repeated_kfold, write_manifest
+from cxrlab.data.splits import fold_balance, random_split, read_manifest, repeated_kfold, write_manifest
 from cxrlab.errors import CxrlabError
 from cxrlab.labels import LabelSpace
 
@@ -38,13 +38,25 @@ def _patient_sets(patients, parts):
 
 
 def test_official_split():
-    parts = official_split(_toy())
-    assert len(parts["train"]) == 114 and parts["test"].tolist() == list(range(114, 120))
-    assert len(parts["val"]) == 0
+    """The source's split column, through the one implementation recipes use (data.prepared.split_rows);
+    without a validation part one is carved from train by patient."""
+    import types
+
+    from cxrlab.config import Recipe
+    from cxrlab.data.prepared import split_rows
+
+    recipe = Recipe()
+    recipe.data.split = "official"
     toy = _toy()
-    toy.meta = toy.meta.drop(columns="split")
+    data = types.SimpleNamespace(index=toy.meta, strata=lambda: toy.values == 1)
+    parts = split_rows(recipe, data)
+    assert parts["test"].tolist() == list(range(114, 120))
+    assert sorted(np.r_[parts["train"], parts["val"]].tolist()) == list(range(114))
+    patients = toy.meta["patient_id"].to_numpy()
+    assert not set(patients[parts["train"]]) & set(patients[parts["val"]]) and len(parts["val"]) > 0
+    data = types.SimpleNamespace(index=toy.meta.drop(columns="split"))
     with pytest.raises(CxrlabError, match="no official split"):
-        official_split(toy)
+        split_rows(recipe, data)
 
 
 def test_random_split_is_patient_disjoint_complete_and_reproducible():

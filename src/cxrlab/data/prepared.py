@@ -122,7 +122,7 @@ def split_rows(recipe: Recipe, data: PreparedData, manifest: pd.DataFrame | None
                fold: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
     """Train/val/test row positions (into ``data``), patient-disjoint.
 
-    ``official``: the source's split column; where it lacks a test part (CheXpert) its validation
+    ``official``: the source's split column; where it lacks a test part (CheXpert without test_labels.csv) its validation
     part is the test set, and where it lacks a validation part one is carved from train by patient.
     ``random``: a stratified patient-disjoint split by ``val_fraction``/``test_fraction``.
     ``cv``: fold ``fold = (repeat, k)`` of ``manifest`` is the test set; validation is carved from the

@@ -23,14 +23,6 @@ PARTS = ("train", "val", "test")
 MANIFEST_COLUMNS = ("path", "patient_id", "repeat", "fold")
 
 
-def official_split(records: Records) -> dict[str, np.ndarray]:
-    """Row positions of the source's own train/val/test parts (any may be empty, e.g. NIH has no val)."""
-    if "split" not in records.meta.columns:
-        raise CxrlabError(f"source {records.name!r} has no official split; use a random or k-fold split")
-    split = records.meta["split"].to_numpy(dtype=object)
-    return {part: np.flatnonzero(split == part) for part in PARTS}
-
-
 def random_split(records_or_patients, target=None, val_fraction: float = 0.1, test_fraction: float = 0.2,
                  seed: int = 0) -> dict[str, np.ndarray]:
     """Row positions of train/val/test: patient-disjoint, reproducible, and balanced so each part holds

@@ -6,8 +6,9 @@ Every function is checked against scikit-learn in the tests.
 """
 from .multilabel import (HEADLINE_METRICS, average_precision, binary_auc, bootstrap_auc_ci, macro_auc,
                          multilabel_report, per_label_ap, per_label_auc, per_label_f1, roc_points)
+from .significance import delong_test, paired_bootstrap
 from .thresholds import f1_threshold, fit_thresholds, youden_threshold
 
-__all__ = ["HEADLINE_METRICS", "average_precision", "binary_auc", "bootstrap_auc_ci", "f1_threshold",
+__all__ = ["HEADLINE_METRICS", "average_precision", "binary_auc", "bootstrap_auc_ci", "delong_test", "f1_threshold",
            "fit_thresholds", "macro_auc", "multilabel_report", "per_label_ap", "per_label_auc", "per_label_f1",
-           "roc_points", "youden_threshold"]
+           "paired_bootstrap", "roc_points", "youden_threshold"]
