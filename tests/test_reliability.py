@@ -290,13 +290,18 @@ def _prepare_in_thread(out: Path) -> dict:
     return done
 
 
-def test_a_stale_lock_is_taken_over_with_a_message(tmp_path, capsys):
-    gone = subprocess.Popen(["true"])
-    gone.wait()  # a pid that no longer runs: the lock's recorded holder, killed
+@pytest.mark.parametrize("holder", ["dead", "pid reused"])
+def test_a_stale_lock_is_taken_over_with_a_message(tmp_path, capsys, holder):
+    if holder == "dead":
+        gone = subprocess.Popen(["true"])
+        gone.wait()  # a pid that no longer runs: the lock's recorded holder, killed
+        pid, started = gone.pid, ""
+    else:  # a live process under the holder's pid, but not the one that started at the recorded time
+        pid, started = os.getpid(), "1"
     out = tmp_path / "cache"
     lock = tmp_path / ".cache.lock"
     # an orphan still holds the lock file, as the workers of a killed prepare did
-    orphan = _hold_lock(lock, f"{gone.pid} {socket.gethostname()} 2026-01-01T00:00:00", 60)
+    orphan = _hold_lock(lock, f"{pid} {socket.gethostname()} 2026-01-01T00:00:00 {started}", 60)
     try:
         done = _prepare_in_thread(out)
     finally:
@@ -304,7 +309,7 @@ def test_a_stale_lock_is_taken_over_with_a_message(tmp_path, capsys):
         orphan.wait()
     assert "info" in done, "prepare waited forever on a lock whose holder is gone"
     err = capsys.readouterr().err
-    assert f"taking over the lock {lock}" in err and f"process {gone.pid}" in err
+    assert f"taking over the lock {lock}" in err and f"process {pid}" in err
     assert done["info"].n == 20
 
 

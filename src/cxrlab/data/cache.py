@@ -190,7 +190,8 @@ def _lock(out_dir: Path):
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = lock_holder(path)
-            if holder is not None and holder["host"] == socket.gethostname() and not pid_alive(holder["pid"]):
+            if (holder is not None and holder["host"] == socket.gethostname()
+                    and not pid_alive(holder["pid"], holder["started"])):
                 print(f"prepare: taking over the lock {path}: its holder, process {holder['pid']}, is gone "
                       "(something it started still held the lock file)", file=sys.stderr)
                 if _same_file(handle, path):  # not one a concurrent taker-over has just made
@@ -211,7 +212,8 @@ def _lock(out_dir: Path):
         break
     handle.seek(0)
     handle.truncate()
-    handle.write(f"{os.getpid()} {socket.gethostname()} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+    handle.write(f"{os.getpid()} {socket.gethostname()} {time.strftime('%Y-%m-%dT%H:%M:%S')} "
+                 f"{_start_ticks(os.getpid())}\n")
     handle.flush()
     _HELD_LOCKS.add(handle.fileno())
     try:
@@ -224,27 +226,41 @@ def _lock(out_dir: Path):
 
 
 def lock_holder(path: Path) -> dict | None:
-    """``{"pid", "host", "since"}`` written in a lock file by its holder, or None (empty, unreadable)."""
+    """``{"pid", "host", "since", "started"}`` written in a lock file by its holder, or None (empty,
+    unreadable). ``started``: the holder's start time in clock ticks (Linux), so a reused pid is not
+    mistaken for the holder; None when not recorded."""
     try:
-        pid, host, since = Path(path).read_text().split()[:3]
-        return {"pid": int(pid), "host": host, "since": since}
-    except (OSError, ValueError):
+        fields = Path(path).read_text().split()
+        started = int(fields[3]) if len(fields) > 3 and fields[3].isdigit() else None
+        return {"pid": int(fields[0]), "host": fields[1], "since": fields[2], "started": started}
+    except (OSError, ValueError, IndexError):
         return None
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether a process exists on this machine (a zombie, dead but not yet reaped, counts as gone)."""
+def pid_alive(pid: int, started: int | None = None) -> bool:
+    """Whether a process exists on this machine (a zombie, dead but not yet reaped, counts as gone; so
+    does a process that took over the pid after ``started``, its original's start time)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        return state not in ("Z", "X")
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
-        return True
+        return True  # no /proc: trust the signal check
+    if stat[0] in ("Z", "X"):
+        return False
+    return started is None or int(stat[19]) == started
+
+
+def _start_ticks(pid: int) -> str:
+    """A process's start time since boot in clock ticks (field 22 of /proc/PID/stat), "" without /proc."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
 
 
 def _same_file(handle, path: Path) -> bool:
