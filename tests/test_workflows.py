@@ -100,7 +100,7 @@ def test_evaluate_on_files_reproduces_the_run_metrics(trained, tmp_path):
 def test_evaluate_maps_nih_labels_onto_chexpert_names(trained, tmp_path):
     """A NIH-trained model scored on a CheXpert-vocabulary source: the overlapping labels are paired
     through the mapping and the report says which were mapped and which could not be scored."""
-    from cxrlab.workflows.evaluate import label_pairs
+    from cxrlab.labels import label_pairs
 
     pairs, mapped, unscored = label_pairs(["Effusion", "Cardiomegaly", "Hernia", "No Finding"],
                                           ["Cardiomegaly", "Pleural Effusion", "Edema"])
@@ -221,10 +221,11 @@ ALLOWED = {
     "losses": FOUNDATION | {"losses"},
     "metrics": FOUNDATION | {"metrics"},
     "regimes": FOUNDATION | {"regimes", "losses", "models"},
-    "checkpoint": FOUNDATION | {"models"},
-    "engine": FOUNDATION | {"engine", "checkpoint", "metrics", "data", "models", "losses", "regimes"},
+    "checkpoint": FOUNDATION | {"models", "ensemble"},
+    "ensemble": FOUNDATION | {"models", "checkpoint"},  # several checkpoints as one model: the checkpoint layer
+    "engine": FOUNDATION | {"engine", "checkpoint", "ensemble", "metrics", "data", "models", "losses", "regimes"},
     "evaluation": FOUNDATION | {"evaluation", "metrics"},
-    "inference": FOUNDATION | {"inference", "checkpoint", "data", "models", "metrics", "evaluation"},
+    "inference": FOUNDATION | {"inference", "checkpoint", "ensemble", "data", "models", "metrics", "evaluation"},
 }
 
 

@@ -153,3 +153,31 @@ def label_cooccurrence(targets, mask=None):
     given = pos.T @ known.astype(np.float64)  # images with i positive and j known
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(given > 0, both / np.where(given > 0, given, 1.0), np.nan)
+
+
+def label_pairs(model_labels, source_labels) -> tuple[list[tuple[int, int, str]], dict, list[str]]:
+    """``(pairs, mapped, unscored)``: ``pairs`` are (model output, source column, report name).
+
+    Exact names first; else the NIH↔CheXpert mapping (NIH → CheXpert always; CheXpert → NIH only where
+    one NIH label maps there, since "Lung Lesion" is Mass or Nodule). A "No Finding" output that
+    single-positive training added is not scored against a source that lacks it.
+    """
+    source = list(source_labels)
+    reverse: dict[str, list[str]] = {}
+    for nih, chexpert in NIH_TO_CHEXPERT.items():
+        reverse.setdefault(chexpert, []).append(nih)
+    pairs, mapped, unscored = [], {}, []
+    for i, name in enumerate(model_labels):
+        if name in source:
+            pairs.append((i, source.index(name), name))
+            continue
+        target = NIH_TO_CHEXPERT.get(name)
+        if target is None and len(reverse.get(name, [])) == 1:
+            target = reverse[name][0]
+        if target is not None and target in source and target != name:
+            shown = f"{name} → {target}"
+            pairs.append((i, source.index(target), shown))
+            mapped[shown] = f"model label {name!r} scored against source label {target!r}"
+        elif name != NO_FINDING:
+            unscored.append(name)
+    return pairs, mapped, unscored

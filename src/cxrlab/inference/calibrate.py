@@ -77,9 +77,8 @@ def calibrate(checkpoint, source: str, out, temperature: bool = False, method: s
     from ..checkpoint import INFO_FILE, find_checkpoint, read_info
     from ..data.policies import apply_policy
     from ..data.sources import parse_source
-    from ..labels import LabelSpace
+    from ..labels import LabelSpace, label_pairs
     from ..metrics import fit_thresholds
-    from ..workflows.evaluate import label_pairs
     from .predictor import Predictor
 
     folder = find_checkpoint(Path(checkpoint))

@@ -2,8 +2,8 @@
 
 The source is read as the model was trained (the recipe's views and MIMIC labeller). Labels are matched
 by name; where the vocabularies differ (a NIH model on CheXpert, or the reverse) the explicit mapping
-of :data:`cxrlab.labels.NIH_TO_CHEXPERT` pairs them, and the report says which labels were mapped
-and which could not be scored.
+of :data:`cxrlab.labels.NIH_TO_CHEXPERT` pairs them (:func:`cxrlab.labels.label_pairs`), and the report
+says which labels were mapped and which could not be scored.
 """
 from __future__ import annotations
 
@@ -12,35 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CxrlabError
-from ..labels import NIH_TO_CHEXPERT, NO_FINDING
-
-
-def label_pairs(model_labels, source_labels) -> tuple[list[tuple[int, int, str]], dict, list[str]]:
-    """``(pairs, mapped, unscored)``: ``pairs`` are (model output, source column, report name).
-
-    Exact names first; else the NIH↔CheXpert mapping (NIH → CheXpert always; CheXpert → NIH only where
-    one NIH label maps there, since "Lung Lesion" is Mass or Nodule). A "No Finding" output that
-    single-positive training added is not scored against a source that lacks it.
-    """
-    source = list(source_labels)
-    reverse: dict[str, list[str]] = {}
-    for nih, chexpert in NIH_TO_CHEXPERT.items():
-        reverse.setdefault(chexpert, []).append(nih)
-    pairs, mapped, unscored = [], {}, []
-    for i, name in enumerate(model_labels):
-        if name in source:
-            pairs.append((i, source.index(name), name))
-            continue
-        target = NIH_TO_CHEXPERT.get(name)
-        if target is None and len(reverse.get(name, [])) == 1:
-            target = reverse[name][0]
-        if target is not None and target in source and target != name:
-            shown = f"{name} → {target}"
-            pairs.append((i, source.index(target), shown))
-            mapped[shown] = f"model label {name!r} scored against source label {target!r}"
-        elif name != NO_FINDING:
-            unscored.append(name)
-    return pairs, mapped, unscored
+from ..labels import label_pairs
 
 
 def evaluate_checkpoint(checkpoint: Path, source: str, out_dir: Path, policy: str | None = None,
