@@ -89,7 +89,9 @@ class Backbone(nn.Module):
         self.output_fmt = getattr(self.net, "output_fmt", "NCHW")
         mean, std = input_normalisation(self.net, use_pretrained)
         self.normalisation = "pretrained_cfg" if use_pretrained else "grey ImageNet default"
-        log.info("backbone %s: input mean %.4f, std %.4f (%s)", name, mean, std, self.normalisation)
+        # worth a line when it departs from the default (every predict/evaluate rebuilds the model)
+        log.log(logging.INFO if use_pretrained else logging.DEBUG, "backbone %s: input mean %.4f, std %.4f (%s)",
+                name, mean, std, self.normalisation)
         self.register_buffer("input_mean", torch.tensor(mean))
         self.register_buffer("input_std", torch.tensor(std))
 
