@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .prototypes import add_prototypes_command
 
     add_prototypes_command(sub)
+    from .deploy import add_deploy_commands
+
+    add_deploy_commands(sub)
     from .ensemble import add_ensemble_command
 
     add_ensemble_command(sub)
@@ -126,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="folder for the PNGs")
     p.add_argument("--labels", default=None, help="comma-separated label names (default: the top ones)")
     p.add_argument("--top", type=int, default=3, help="without --labels: this many most probable labels")
+    p.add_argument("--method", default="native", choices=["native", "gradcam", "gradcampp"],
+                   help="native: the head's attention or CAM; gradcam/gradcampp: Grad-CAM(++), any head")
     p.set_defaults(func=_heatmap)
 
     p = sub.add_parser("list", help="registered parts")
@@ -194,12 +199,17 @@ def _evaluate(args) -> int:
 
 
 def _predict(args) -> int:
-    from ..workflows.predict import predict_files
-
     from ..outputs import check_output_file
 
     check_output_file(args.out, overwrite=args.overwrite, what="predictions file")
-    table = predict_files(args.checkpoint, args.inputs, args.out, batch_size=args.batch_size)
+    if args.checkpoint.suffix.lower() == ".onnx":  # an export: ONNX Runtime only, torch is not imported
+        from .deploy import predict_onnx
+
+        table = predict_onnx(args)
+    else:
+        from ..workflows.predict import predict_files
+
+        table = predict_files(args.checkpoint, args.inputs, args.out, batch_size=args.batch_size)
     failed = table["error"].fillna("").astype(bool) if "error" in table else table["path"].isna()
     print(f"wrote {len(table)} rows to {args.out}: {int((~failed).sum())} predicted, {int(failed.sum())} "
           "unreadable (see its error column)")
@@ -210,7 +220,8 @@ def _heatmap(args) -> int:
     from ..inference.heatmaps import write_heatmaps
 
     labels = [n.strip() for n in args.labels.split(",")] if args.labels else None
-    written = write_heatmaps(args.checkpoint, args.inputs, args.out, labels=labels, top=args.top)
+    written = write_heatmaps(args.checkpoint, args.inputs, args.out, labels=labels, top=args.top,
+                             method=args.method)
     print(f"wrote {len(written)} heatmaps to {args.out}")
     return 0
 
