@@ -238,9 +238,9 @@ def test_two_backbones_learn_and_round_trip(trained):
     from cxrlab.checkpoint import load_model
 
     (trainer, result, (_, val_loader)), tmp = trained
-    history = result["history"]
+    history = result.history
     assert history[-1]["train_loss"] < history[0]["train_loss"]
-    assert result["best"]["val_macro_auc"] > 0.75  # chance is 0.5
+    assert result.best["val_macro_auc"] > 0.75  # chance is 0.5
     model, info = load_model(tmp / "run")
     assert [b["name"] if isinstance(b, dict) else b for b in info["recipe"]["model"]["backbones"]] == \
         ["test_resnet", "test_resnet"]
@@ -272,7 +272,7 @@ def test_two_backbone_resume_is_exact(tmp_path):
         can_run(tmp_path, recipe, n_train=32, n_val=16, out="cut", regime=StopAt(steps_per_epoch + 1))
     resumed, resumed_result, _ = can_run(tmp_path, recipe, n_train=32, n_val=16, out="cut", resume=True)
     assert torch.equal(flat(full.model), flat(resumed.model))
-    for a, b in zip(full_result["history"], resumed_result["history"], strict=True):
+    for a, b in zip(full_result.history, resumed_result.history, strict=True):
         for key in ("train_loss", "val_loss", "val_macro_auc", "step"):
             assert a[key] == pytest.approx(b[key], abs=1e-6), key
     # resuming with another backbone list is refused by name

@@ -55,7 +55,7 @@ def test_layout_and_json(run):
 def test_load_model_matches_trainer_predictions(run):
     trainer, result, run_dir = run
     model, info = ckpt.load_model(run_dir)  # a run folder resolves to best/
-    assert info["epoch"] == result["best_epoch"]
+    assert info["epoch"] == result.best_epoch
     loader = make_loader(ToySet(24, 2), 8, shuffle=False)
     probs, _, _ = trainer.predict(loader)  # the trainer predicts with its EMA weights
     with torch.no_grad():

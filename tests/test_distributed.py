@@ -78,7 +78,7 @@ WORKER = textwrap.dedent('''
     tensors.update({f"objective.{k}": v.detach().clone() for k, v in trainer.objective.state_dict().items()})
     tensors.update({f"regime.{k}": v.detach().clone() for k, v in trainer.regime.modules.state_dict().items()})
     tensors.update(probs=torch.from_numpy(probs), targets=torch.from_numpy(targets), masks=torch.from_numpy(masks),
-                   best_val_loss=torch.tensor(result["best"]["val_loss"], dtype=torch.float64))
+                   best_val_loss=torch.tensor(result.best["val_loss"], dtype=torch.float64))
     save_file(tensors, str(out / f"rank{info.rank}.safetensors"))
     torch.distributed.destroy_process_group()
 ''')

@@ -67,7 +67,7 @@ def test_compile_runs_the_model_through_torch_compile_and_keeps_checkpoint_names
     # compiled in place: the same module with the same parameter names, so checkpoints do not change
     assert type(trainer.model) is type(plain)
     assert list(trainer.model.state_dict()) == list(plain.state_dict())
-    assert torch.isfinite(torch.tensor(result["history"][0]["train_loss"]))
+    assert torch.isfinite(torch.tensor(result.history[0]["train_loss"]))
     torch._dynamo.reset()
 
 

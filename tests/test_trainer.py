@@ -82,8 +82,8 @@ def flat(model: torch.nn.Module) -> torch.Tensor:
 
 def test_learns_toy_task_and_writes_logs(tmp_path):
     trainer, result, (_, val_loader) = toy_run(tmp_path, toy_recipe(epochs=3))
-    assert result["best"]["val_macro_auc"] > 0.9
-    assert result["checkpoint"] == tmp_path / "run" / "best"
+    assert result.best["val_macro_auc"] > 0.9
+    assert result.checkpoint == tmp_path / "run" / "best"
     assert (tmp_path / "run" / "last" / "model.safetensors").is_file()
     rows = list(csv.DictReader(open(tmp_path / "run" / "log.csv")))
     assert len(rows) == 3
@@ -96,14 +96,14 @@ def test_learns_toy_task_and_writes_logs(tmp_path):
     from sklearn.metrics import roc_auc_score
 
     assert np.mean([roc_auc_score(targets[:, j], probs[:, j]) for j in range(3)]) == pytest.approx(
-        result["best"]["val_macro_auc"], abs=1e-6)  # predict = the selected (best) weights
+        result.best["val_macro_auc"], abs=1e-6)  # predict = the selected (best) weights
 
 
 def test_deterministic_under_seed(tmp_path):
     a, ra, _ = toy_run(tmp_path, toy_recipe(epochs=1), n_train=64, n_val=32, out="a")
     b, rb, _ = toy_run(tmp_path, toy_recipe(epochs=1), n_train=64, n_val=32, out="b")
     assert torch.equal(flat(a.model), flat(b.model))
-    assert ra["history"][0]["train_loss"] == rb["history"][0]["train_loss"]
+    assert ra.history[0]["train_loss"] == rb.history[0]["train_loss"]
 
 
 class Interrupt(Exception):
@@ -135,7 +135,7 @@ def test_resume_is_exact(tmp_path, ema):
     assert torch.equal(flat(full.model), flat(resumed.model))
     if ema:
         assert torch.equal(flat(full.ema.module), flat(resumed.ema.module))
-    for a, b in zip(full_result["history"], resumed_result["history"], strict=True):
+    for a, b in zip(full_result.history, resumed_result.history, strict=True):
         for key in ("train_loss", "val_loss", "val_macro_auc", "lr", "step"):
             assert a[key] == pytest.approx(b[key], abs=1e-6), key
     last_full = open(tmp_path / "full" / "log.csv").read().splitlines()
@@ -148,8 +148,8 @@ def test_early_stopping_and_select_on_loss(tmp_path, monkeypatch):
     monkeypatch.setattr(Trainer, "validate", lambda self, loader: {"val_loss": next(losses), "val_macro_auc": 0.5})
     _, result, _ = toy_run(tmp_path, toy_recipe(epochs=5, early_stop_patience=2, select_on="loss"),
                            n_train=32, n_val=16)
-    assert result["stopped_early"] and len(result["history"]) == 4
-    assert result["best_epoch"] == 2 and result["best"]["val_loss"] == 0.5
+    assert result.stopped_early and len(result.history) == 4
+    assert result.best_epoch == 2 and result.best["val_loss"] == 0.5
     best = json.loads((tmp_path / "run" / "best" / "checkpoint.json").read_text())
     assert best["epoch"] == 2 and best["metrics"]["val_loss"] == 0.5
 
@@ -169,7 +169,7 @@ def test_epoch_stats_from_regime_are_logged(tmp_path):
             return {"seen_images": n}
 
     _, result, _ = toy_run(tmp_path, toy_recipe(epochs=2), n_train=32, n_val=16, regime=Counting())
-    assert [s["seen_images"] for s in result["epoch_stats"]] == [32.0, 32.0]
+    assert [s["seen_images"] for s in result.epoch_stats] == [32.0, 32.0]
     assert "seen_images" in open(tmp_path / "run" / "log.csv").readline()
 
 
@@ -188,7 +188,7 @@ def test_bf16_autocast_on_cpu_runs_in_bf16(tmp_path):
     _, result, _ = toy_run(tmp_path, toy_recipe(epochs=1, amp="bf16", channels_last=True), n_train=32, n_val=16,
                            regime=regime)
     assert regime.dtypes == {torch.bfloat16}  # an autocast that fell back to fp32 would show float32 here
-    assert np.isfinite(result["history"][0]["train_loss"])
+    assert np.isfinite(result.history[0]["train_loss"])
 
 
 def test_bad_settings_are_named(tmp_path):

@@ -22,6 +22,7 @@ import random
 import sys
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +61,23 @@ class TrainStep(nn.Module):
     def forward(self, batch: dict):
         output = self.regime.step(self.model, batch)
         return self.objective(output, batch)
+
+
+@dataclass
+class FitResult:
+    """What ``Trainer.fit`` did: the selected (``checkpoint``) and last checkpoint folders, the best
+    epoch's logged row and score, every epoch's row (``history``), whether it stopped early, the
+    regime's per-epoch statistics (e.g. MPC pseudo-label precision) and the CSV log."""
+
+    checkpoint: Path
+    last_checkpoint: Path
+    best: dict | None
+    best_epoch: int | None
+    best_score: float | None
+    history: list[dict]
+    stopped_early: bool
+    epoch_stats: list[dict]
+    log: Path
 
 
 class Trainer:
@@ -123,7 +141,7 @@ class Trainer:
         self.steps_per_epoch = steps_per_epoch
         self.scheduler = build_scheduler(self.recipe.schedule, self.optimizer, self.cfg.epochs, steps_per_epoch)
 
-    def fit(self, train_loader, val_loader=None, resume: bool = False) -> dict:
+    def fit(self, train_loader, val_loader=None, resume: bool = False) -> "FitResult":
         """Train ``train.epochs`` epochs (from the last checkpoint when ``resume``), then load the
         selected (best) weights into the model. Returns the best epoch's metrics, the history and
         the checkpoint paths."""
@@ -150,10 +168,10 @@ class Trainer:
             self._load_weights(best_dir)
         best_row = next((r for r in self.history if r["epoch"] == self.best["epoch"]), None)
         stats = [{"epoch": r["epoch"], **{k: r[k] for k in r.get("_stat_keys", ())}} for r in self.history]
-        return {"checkpoint": best_dir, "last_checkpoint": self.out_dir / "last", "best": _public(best_row),
-                "best_epoch": self.best["epoch"], "best_score": self.best["score"],
-                "history": [_public(r) for r in self.history], "stopped_early": self.best["stopped"],
-                "epoch_stats": [s for s in stats if len(s) > 1], "log": self.out_dir / "log.csv"}
+        return FitResult(checkpoint=best_dir, last_checkpoint=self.out_dir / "last", best=_public(best_row),
+                         best_epoch=self.best["epoch"], best_score=self.best["score"],
+                         history=[_public(r) for r in self.history], stopped_early=self.best["stopped"],
+                         epoch_stats=[s for s in stats if len(s) > 1], log=self.out_dir / "log.csv")
 
     def _run_epoch(self, train_loader, val_loader, writer) -> None:
         epoch = self.epoch

@@ -146,18 +146,18 @@ def run(recipe: Recipe, out_dir: Path, resume: bool = False, data: PreparedData 
                                 exclude_unreliable=recipe.eval.exclude_unreliable)
     metrics["threshold_source"] = f"per label, fitted on the validation part ({recipe.eval.threshold})"
     metrics["split_sizes"] = {name: int(len(rows)) for name, rows in parts.items()}
-    if fit.get("epoch_stats"):
-        metrics["training"] = fit["epoch_stats"]
+    if fit.epoch_stats:
+        metrics["training"] = fit.epoch_stats
         # the last epoch's regime statistics (e.g. MPC pseudo-label precision/recall) at the top level,
         # so cross-validation and comparisons aggregate them like any metric
-        metrics.update({k: v for k, v in fit["epoch_stats"][-1].items() if k != "epoch"})
+        metrics.update({k: v for k, v in fit.epoch_stats[-1].items() if k != "epoch"})
     if not dist.is_main():  # every rank holds the gathered predictions; one writes the report
         dist.barrier()
-        return RunResult(out_dir / "report" / "report.md", metrics, fit["checkpoint"], trainer.model,
-                         fit.get("history"))
+        return RunResult(out_dir / "report" / "report.md", metrics, fit.checkpoint, trainer.model,
+                         fit.history)
     thresholds_all = np.full(len(data.labels), 0.5)
     thresholds_all[data.eval_columns] = thresholds
-    set_thresholds(fit["checkpoint"], thresholds_all.tolist())
+    set_thresholds(fit.checkpoint, thresholds_all.tolist())
     train_rows = parts["train"]
     head = getattr(trainer.model, "head", None)
     if hasattr(head, "correlation"):  # label-level heads: how the learned G relates to the data
@@ -165,14 +165,14 @@ def run(recipe: Recipe, out_dir: Path, resume: bool = False, data: PreparedData 
         metrics["g_vs_cooccurrence_r"] = _plot_correlation(out_dir / "report" / "correlation.png", head, data,
                                                            train_rows)
     report = write_report(out_dir / "report", metrics, test_probs, test_target, test_mask, names,
-                          config=recipe.to_dict(), history=fit.get("history"),
+                          config=recipe.to_dict(), history=fit.history,
                           train_targets=data.eval_target[train_rows][:, cols],
                           train_mask=data.eval_mask[train_rows][:, cols])
     predictions = pd.DataFrame(test_probs, columns=names)
     predictions.insert(0, "path", data.index["path"].to_numpy()[parts["test"]])
     predictions.to_csv(out_dir / "report" / "test_predictions.csv", index=False, float_format="%.6f")
     dist.barrier()
-    return RunResult(Path(report), metrics, fit["checkpoint"], trainer.model, fit.get("history"))
+    return RunResult(Path(report), metrics, fit.checkpoint, trainer.model, fit.history)
 
 
 def _plot_correlation(path: Path, head, data: PreparedData, train_rows: np.ndarray) -> float:
