@@ -150,7 +150,7 @@ def dataset_like_files(out: Path) -> dict[str, Path]:
     return files
 
 
-def interleaved_rates(fns: dict, rounds: int = 5, seconds: float = 0.6) -> dict[str, float]:
+def interleaved_rates(fns: dict, rounds: int = 7, seconds: float = 1.0) -> dict[str, float]:
     """Median items/s of each ``fn`` over ``rounds`` alternating timings (load drift hits all alike)."""
     import statistics
 
