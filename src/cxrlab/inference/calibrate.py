@@ -75,9 +75,7 @@ def calibrate(checkpoint, source: str, out, temperature: bool = False, method: s
               policy: str | None = None, split: str = "all") -> dict:
     """Write a calibrated copy of ``checkpoint`` at ``out``; return its ``calibration`` record."""
     from ..checkpoint import INFO_FILE, find_checkpoint, read_info
-    from ..data.policies import apply_policy
-    from ..data.sources import parse_source
-    from ..labels import LabelSpace, label_pairs
+    from ..data.scoring import scoring_set
     from ..metrics import fit_thresholds
     from .predictor import Predictor
 
@@ -87,29 +85,17 @@ def calibrate(checkpoint, source: str, out, temperature: bool = False, method: s
         raise CxrlabError(f"--out {out} is the checkpoint itself; calibration writes a copy")
     if out.exists():
         raise CxrlabError(f"--out {out} exists; choose a new folder for the calibrated checkpoint")
-    predictor = Predictor.from_checkpoint(folder)
+    # the model's own probabilities: a temperature already recorded is applied below, unless refitted
+    predictor = Predictor.from_checkpoint(folder, calibrated=False)
     info = predictor.info
-    data = info["recipe"]["data"]
-    records = parse_source(source, views=data.get("views"), labeller=data.get("labeller", "chexpert"))
-    if split != "all":
-        if "split" not in records.meta.columns:
-            raise CxrlabError(f"--split {split}: source {source!r} has no official split")
-        records = records.take(np.flatnonzero(records.meta["split"].to_numpy() == split))
-    pairs, _, _ = label_pairs(predictor.label_names, records.labels.names)
-    if not pairs:
-        raise CxrlabError(f"none of the checkpoint's labels {predictor.label_names} is labelled by source "
-                          f"{source!r} (its labels: {list(records.labels.names)})")
-    outputs = [o for o, _, _ in pairs]
-    names = [n for _, _, n in pairs]
-    result = apply_policy(records.values[:, [c for _, c, _ in pairs]], LabelSpace("checkpoint", tuple(names)),
-                          policy or data["policy"].replace("spml", "u_zeros"))
-    rows = result.rows
+    scored = scoring_set(predictor.label_names, info["recipe"]["data"], source, split, policy)
+    rows, outputs = scored.rows, scored.outputs
     if len(rows) == 0:
         raise CxrlabError(f"source {source!r} has no labelled images to calibrate on")
-    probs = predictor.predict_read(lambda i: records.read(int(rows[i])), len(rows))[:, outputs].astype(np.float64)
-    known = np.asarray(result.mask) > 0
-    target = np.asarray(result.target) > 0.5
-    # the predictor gives unscaled probabilities; a temperature already recorded is kept unless refitted
+    probs = predictor.predict_read(scored.read, len(rows))[:, outputs].astype(np.float64)
+
+    known = np.asarray(scored.mask) > 0
+    target = np.asarray(scored.target) > 0.5
     previous = info.get("temperature")
     temperatures = np.ones(len(predictor.label_names)) if previous is None else np.asarray(previous, np.float64)
     logits = _logit(probs)
@@ -118,7 +104,7 @@ def calibrate(checkpoint, source: str, out, temperature: bool = False, method: s
             temperatures[o] = fit_temperature(logits[known[:, k], k], target[known[:, k], k])
     if temperature or previous is not None:
         probs = 1 / (1 + np.exp(-logits / temperatures[outputs]))
-    fitted = fit_thresholds(probs, result.target, result.mask, method=method)  # on the scaled probabilities
+    fitted = fit_thresholds(probs, scored.target, scored.mask, method=method)  # on the scaled probabilities
     thresholds = scaled_thresholds(predictor.thresholds, previous)
     refitted, kept = [], []
     for k, o in enumerate(outputs):

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CxrlabError
+from .predictions import write_predictions
 
 SIDECAR_FORMAT = "cxrlab-onnx"
 SIDECAR_VERSION = 1
@@ -163,20 +164,6 @@ class OnnxPredictor:
         return out["probabilities"][0], maps[0]
 
 
-def predictions_table(files, probs: np.ndarray, errors: list[str], label_names, thresholds):
-    """The ``cxrlab predict`` table (as :mod:`cxrlab.workflows.predict` writes it): path, one probability
-    column per label, ``<label>_positive`` (blank for an unreadable image) and ``error``."""
-    import pandas as pd
-
-    names = list(label_names)
-    read = np.array([e == "" for e in errors], dtype=bool)
-    table = pd.DataFrame(probs, columns=names)
-    positive = pd.DataFrame(probs >= np.asarray(thresholds), columns=[f"{n}_positive" for n in names]).astype("Int64")
-    positive.loc[~read] = pd.NA  # no decision for an image that was not read
-    return pd.concat([pd.DataFrame({"path": [str(f) for f in files]}), table, positive,
-                      pd.DataFrame({"error": errors})], axis=1)
-
-
 def _read_tolerant(predictor: OnnxPredictor, path) -> tuple[np.ndarray, str]:
     from ..data.images import read_image
 
@@ -190,7 +177,6 @@ def _read_tolerant(predictor: OnnxPredictor, path) -> tuple[np.ndarray, str]:
 def predict_files(model_path, inputs, out_csv, batch_size: int = 32, workers: int | None = None):
     """``cxrlab predict model.onnx files...``: the checkpoint path's CSV, through ONNX Runtime only.
     An unreadable image keeps its row (blank probabilities, the reason in ``error``)."""
-    import sys
     from concurrent.futures import ThreadPoolExecutor
 
     from ..data.sources.generic import collect_images
@@ -207,16 +193,4 @@ def predict_files(model_path, inputs, out_csv, batch_size: int = 32, workers: in
                 images = np.stack([im for im, _ in batch])
                 probs[start + np.flatnonzero(ok)] = predictor.predict_fitted(images[ok], batch_size)
             errors += [e for _, e in batch]
-    table = predictions_table(files, probs, errors, predictor.label_names, predictor.thresholds)
-    out_csv = Path(out_csv)
-    out_csv.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_csv.with_name(f".{out_csv.name}.tmp-{os.getpid()}")
-    try:
-        table.to_csv(tmp, index=False, float_format="%.6f")
-        os.replace(tmp, out_csv)
-    finally:
-        tmp.unlink(missing_ok=True)
-    for path, error in zip(files, errors):
-        if error:
-            print(f"predict: cannot read {path}: {error}", file=sys.stderr)
-    return table
+    return write_predictions(out_csv, files, probs, errors, predictor.label_names, predictor.thresholds)

@@ -39,15 +39,16 @@ class Predictor:
         self.temperature = None if temperature is None else torch.as_tensor(temperature, dtype=torch.float32)
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: Path, device: str | None = None) -> "Predictor":
-        """The model of a checkpoint folder (or a run folder: its best checkpoint) with its thresholds."""
+    def from_checkpoint(cls, checkpoint: Path, device: str | None = None, calibrated: bool = True) -> "Predictor":
+        """The model of a checkpoint folder (or a run folder: its best checkpoint) with its thresholds;
+        ``calibrated=False`` leaves out a temperature from ``cxrlab calibrate`` (to refit it)."""
         from ..checkpoint import load_model
 
         from .calibrate import scaled_thresholds
 
         model, info = load_model(Path(checkpoint))
         data = info["recipe"]["data"]
-        temperature = info.get("temperature")
+        temperature = info.get("temperature") if calibrated else None
         thresholds = info.get("thresholds")
         if temperature is not None and thresholds is not None:  # stored unscaled: see inference/calibrate.py
             thresholds = scaled_thresholds(thresholds, temperature)

@@ -10,16 +10,16 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
 
 def predict_files(checkpoint: Path, inputs: list[Path], out_csv: Path, batch_size: int = 32,
-                  workers: int | None = None) -> pd.DataFrame:
+                  workers: int | None = None):
     """Write a CSV: path, one probability column per label, ``<label>_positive`` at the
     checkpoint's thresholds (fitted on validation data when it was trained) and ``error``."""
     from ..checkpoint import find_checkpoint
     from ..data.sources.generic import collect_images
+    from ..inference.predictions import write_predictions
     from ..inference.predictor import Predictor
 
     folder = find_checkpoint(checkpoint)
@@ -28,26 +28,7 @@ def predict_files(checkpoint: Path, inputs: list[Path], out_csv: Path, batch_siz
     predictor = Predictor.from_checkpoint(folder)
     files = collect_images(inputs)
     probs, errors = _predict_tolerant(predictor, files, batch_size, workers)
-    names = predictor.label_names
-    table = pd.DataFrame(probs, columns=names)
-    read = np.array([e == "" for e in errors])
-    positive = pd.DataFrame((probs >= predictor.thresholds).astype(int),
-                            columns=[f"{n}_positive" for n in names]).astype("Int64")
-    positive.loc[~read] = pd.NA  # no decision for an image that was not read
-    table = pd.concat([pd.DataFrame({"path": [str(f) for f in files]}), table, positive,
-                       pd.DataFrame({"error": errors})], axis=1)
-    out_csv = Path(out_csv)
-    out_csv.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_csv.with_name(f".{out_csv.name}.tmp-{os.getpid()}")
-    try:
-        table.to_csv(tmp, index=False, float_format="%.6f")
-        os.replace(tmp, out_csv)  # a crash mid-write leaves no half-written CSV under the real name
-    finally:
-        tmp.unlink(missing_ok=True)
-    for path, error in zip(files, errors):
-        if error:
-            print(f"predict: cannot read {path}: {error}", file=sys.stderr)
-    return table
+    return write_predictions(out_csv, files, probs, errors, predictor.label_names, predictor.thresholds)
 
 
 def _predict_tolerant(predictor, files: list[Path], batch_size: int, workers: int | None):

@@ -1,0 +1,54 @@
+"""A labelled source read the way a checkpoint was trained and paired to its labels: what ``evaluate``
+scores and ``calibrate`` refits on."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import CxrlabError
+from ..labels import LabelSpace, label_pairs
+from .records import Records
+
+
+@dataclass
+class ScoringSet:
+    """Images ``records.read(rows[i])`` with ``target``/``mask`` for the report labels ``names``;
+    ``outputs[k]`` is the model output scored as ``names[k]``; ``mapped`` says which pairs went through
+    the NIH↔CheXpert mapping, ``unscored`` which model labels the source cannot score."""
+
+    records: Records
+    rows: np.ndarray
+    names: list[str]
+    outputs: list[int]
+    target: np.ndarray
+    mask: np.ndarray
+    mapped: dict
+    unscored: list[str]
+
+    def read(self, i: int) -> np.ndarray:
+        return self.records.read(int(self.rows[i]))
+
+
+def scoring_set(label_names, trained: dict, source: str, split: str = "all",
+                policy: str | None = None) -> ScoringSet:
+    """``trained`` is the checkpoint recipe's ``data`` section: its views and MIMIC labeller are used, and
+    its policy (single-positive training scores against U-Zeros) unless ``policy`` is given."""
+    from .policies import apply_policy
+    from .sources import parse_source
+
+    records = parse_source(source, views=trained.get("views"), labeller=trained.get("labeller", "chexpert"))
+    if split != "all":
+        if "split" not in records.meta.columns:
+            raise CxrlabError(f"--split {split}: source {source!r} has no official split")
+        records = records.take(np.flatnonzero(records.meta["split"].to_numpy() == split))
+    pairs, mapped, unscored = label_pairs(label_names, records.labels.names)
+    if not pairs:
+        raise CxrlabError(f"none of the checkpoint's labels {list(label_names)} is labelled by source "
+                          f"{source!r} (its labels: {list(records.labels.names)}), even through the "
+                          "NIH↔CheXpert mapping")
+    names = [n for _, _, n in pairs]
+    result = apply_policy(records.values[:, [c for _, c, _ in pairs]], LabelSpace("checkpoint", tuple(names)),
+                          policy or trained["policy"].replace("spml", "u_zeros"))
+    return ScoringSet(records, result.rows, names, [o for o, _, _ in pairs], result.target, result.mask,
+                      mapped, unscored)
