@@ -93,7 +93,6 @@ def calibrate(checkpoint, source: str, out, temperature: bool = False, method: s
     if len(rows) == 0:
         raise CxrlabError(f"source {source!r} has no labelled images to calibrate on")
     probs = predictor.predict_read(scored.read, len(rows))[:, outputs].astype(np.float64)
-
     known = np.asarray(scored.mask) > 0
     target = np.asarray(scored.target) > 0.5
     previous = info.get("temperature")
