@@ -110,3 +110,18 @@ def test_mismatched_runs_are_errors(tmp_path):
         pooled_pairs([renamed], ref, targets, mask)
     with pytest.raises(CxrlabError, match="reference recipe"):
         paired_significance({"ref": ref}, "reff", targets, mask)
+
+
+def test_a_recipe_on_other_test_images_is_reported_unpaired_not_fatal(tmp_path):
+    """compare must not fail at its very end because one recipe (e.g. a full-label ceiling, split on
+    other labels) tested other images: that recipe is listed as not paired, with the reason."""
+    targets, mask, rng = _labels(60)
+    paths = targets.index.to_numpy()
+    ref = [_write_run(tmp_path / "ref" / "seed0", paths, noise(targets.to_numpy(), rng))]
+    same = [_write_run(tmp_path / "same" / "seed0", paths, good(targets.to_numpy(), rng))]
+    other = [_write_run(tmp_path / "other" / "seed0", paths[:-5], noise(targets.to_numpy()[:-5], rng))]
+    result = paired_significance({"ref": ref, "same": same, "other": other}, "ref", targets, mask, resamples=50)
+    assert "difference" in result["recipes"]["same"]["macro_auc"]
+    assert "tested different images" in result["recipes"]["other"]["skipped"]
+    text = significance_markdown(result)
+    assert "| same |" in text and "| other |" not in text and "Not paired with `ref`: `other`" in text

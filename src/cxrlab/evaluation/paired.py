@@ -77,7 +77,11 @@ def paired_significance(run_dirs: dict, reference: str, targets: pd.DataFrame, m
     for recipe, runs in run_dirs.items():
         if recipe == reference:
             continue
-        a, b, t, m, clusters = pooled_pairs(runs, run_dirs[reference], targets, mask)
+        try:
+            a, b, t, m, clusters = pooled_pairs(runs, run_dirs[reference], targets, mask)
+        except CxrlabError as exc:  # e.g. a recipe split on other labels: its table row stands, unpaired
+            out[recipe] = {"skipped": str(exc)}
+            continue
         names = list(targets.columns)
         delong = delong_test(a, b, t, m, names, clusters=clusters)["macro"]
         boot = paired_bootstrap(a, b, t, m, names, clusters=clusters, resamples=resamples, ci=ci, seed=seed)
@@ -114,10 +118,14 @@ def significance_markdown(result: dict) -> str:
              "is resampled whole), and DeLong's test for the macro AUC with the same clustering.", "",
              f"| recipe | runs | images | Δ macro AUC [{level} % CI] | p DeLong | p bootstrap "
              f"| Δ mAP [{level} % CI] | p bootstrap |", "|---|---:|---:|---|---:|---:|---|---:|"]
+    skipped = {recipe: r["skipped"] for recipe, r in result["recipes"].items() if "skipped" in r}
     for recipe, r in result["recipes"].items():
+        if recipe in skipped:
+            continue
         auc, ap = r["macro_auc"], r["map"]
         cell = {k: f"{_signed(v['difference'])} [{_signed(v['ci'][0])}, {_signed(v['ci'][1])}]"
                 for k, v in (("auc", auc), ("ap", ap))}
         lines.append(f"| {recipe} | {r['runs']} | {r['images']} | {cell['auc']} | {_p(auc['p_delong'])} "
                      f"| {_p(auc['p_bootstrap'])} | {cell['ap']} | {_p(ap['p_bootstrap'])} |")
+    lines += [f"\nNot paired with `{ref}`: `{recipe}` ({reason})." for recipe, reason in skipped.items()]
     return "\n".join(lines) + "\n"
