@@ -15,7 +15,6 @@ leaves a half-written one):
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import math
 import os
@@ -28,7 +27,7 @@ import torch
 from torch import nn
 
 from .errors import CxrlabError
-from .serialization import to_jsonable
+from .serialization import sha256_file, to_jsonable
 
 FORMAT = "cxrlab-checkpoint"
 VERSION = 1
@@ -143,7 +142,7 @@ def _write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict)
         code = errno.ENOSPC if "StorageFull" in str(exc) or "code: 28" in str(exc) else errno.EIO
         raise OSError(code, f"{os.strerror(code)} ({exc})", str(path)) from exc
     _fsync(path)
-    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -173,14 +172,6 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------- reading
@@ -245,7 +236,7 @@ def read_tensors(folder: Path, name: str, info: dict, prefix: str | None = None,
         if size != expected["bytes"]:
             raise CxrlabError(f"checkpoint file {path} is truncated or corrupt ({size} bytes, expected "
                               f"{expected['bytes']})")
-        if _sha256(path) != expected["sha256"]:
+        if sha256_file(path) != expected["sha256"]:
             raise CxrlabError(f"checkpoint file {path} is corrupt (SHA-256 differs from {INFO_FILE})")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:

@@ -30,6 +30,7 @@ from torch import nn
 from .errors import CxrlabError
 from .labels import NO_FINDING
 from .output import Output
+from .serialization import sha256_file
 
 KIND = "ensemble"
 MEMBERS_DIR = "members"
@@ -61,7 +62,7 @@ class EnsembleModel(nn.Module):
 
 def build_ensemble(checkpoints: list, out: Path, weights: list[float] | None = None) -> Path:
     """Write an ensemble folder at ``out`` from checkpoint (or run) folders; returns ``out``."""
-    from .checkpoint import FORMAT, INFO_FILE, MODEL_FILE, STATE_FILE, VERSION, _sha256, find_checkpoint, read_info
+    from .checkpoint import FORMAT, INFO_FILE, MODEL_FILE, STATE_FILE, VERSION, find_checkpoint, read_info
 
     if not checkpoints:
         raise CxrlabError("ensemble: give at least one checkpoint")
@@ -100,7 +101,7 @@ def build_ensemble(checkpoints: list, out: Path, weights: list[float] | None = N
             sums = {}
             for file in (INFO_FILE, weights_file):
                 _link_or_copy(folder / file, target / file)
-                sums[file] = _sha256(target / file)
+                sums[file] = sha256_file(target / file)
             members.append({"path": f"{MEMBERS_DIR}/{name}", "from": str(folder), "weight": w / total,
                             "sha256": sums})
             own = np.asarray(info.get("thresholds") or [0.5] * len(info["labels"]), dtype=np.float64)
@@ -118,7 +119,7 @@ def build_ensemble(checkpoints: list, out: Path, weights: list[float] | None = N
 
 def load_ensemble(folder: Path, info: dict) -> EnsembleModel:
     """The :class:`EnsembleModel` of an ensemble folder, after checking every member file's SHA-256."""
-    from .checkpoint import _sha256, load_model
+    from .checkpoint import load_model
 
     folder = Path(folder)
     members, weights, columns = [], [], []
@@ -127,7 +128,7 @@ def load_ensemble(folder: Path, info: dict) -> EnsembleModel:
         for file, expected in entry["sha256"].items():
             if not (path / file).is_file():
                 raise CxrlabError(f"ensemble {folder}: member file missing: {path / file}")
-            if _sha256(path / file) != expected:
+            if sha256_file(path / file) != expected:
                 raise CxrlabError(f"ensemble {folder}: member file {path / file} is corrupt "
                                   "(SHA-256 differs from the ensemble's checkpoint.json)")
         model, member_info = load_model(path)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -37,3 +38,13 @@ def write_json(path: Path, obj, indent: int = 2) -> Path:
     path = Path(path)
     path.write_text(json.dumps(to_jsonable(obj), indent=indent, allow_nan=False) + "\n")
     return path
+
+
+def sha256_file(path) -> str:
+    """Hex SHA-256 of a file, read in 4 MiB chunks: how checkpoints, ensembles, exports and text
+    encoders identify the bytes they depend on."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -7,8 +7,6 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
-
 from ..errors import unknown
 from ..data.cache import MODES, ON_ERROR, prepare
 from ..data.policies import POLICIES, PolicyResult, apply_policy

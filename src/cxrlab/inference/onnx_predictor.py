@@ -8,7 +8,6 @@ ONNX file does not match the recorded SHA-256, naming the file.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CxrlabError
+from ..serialization import sha256_file  # noqa: F401 (re-exported for export and serve)
 from .predictions import write_predictions
 
 SIDECAR_FORMAT = "cxrlab-onnx"
@@ -28,14 +28,6 @@ def sidecar_path(onnx_path) -> Path:
     """``model.onnx`` -> ``model.onnx.json``."""
     onnx_path = Path(onnx_path)
     return onnx_path.with_name(onnx_path.name + ".json")
-
-
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_sidecar(onnx_path) -> dict:

@@ -11,7 +11,6 @@ is a dot product of positive counts with cumulative negative counts. This matche
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np

@@ -32,6 +32,7 @@ import numpy as np
 
 from ..errors import CxrlabError, unknown
 from ..labels_text import LabelText
+from ..serialization import sha256_file
 
 ENCODERS = ("hashed", "random", "wordllama", "hf:<path-or-id>")
 
@@ -140,7 +141,7 @@ class WordLlamaEncoder(TextEncoder):
 
     def identity(self) -> dict:
         return {"name": self.name, "version": self.version, "dim": self.dim, "config": "l2_supercat",
-                "weights_sha256": _file_sha256(self.weights)}
+                "weights_sha256": sha256_file(self.weights)}
 
     def encode(self, texts: list[str], labels: list[str]) -> np.ndarray:
         import logging
@@ -198,7 +199,7 @@ class HFEncoder(TextEncoder):
     def identity(self) -> dict:
         import transformers
 
-        files = {p.name: _file_sha256(p) for p in sorted(self.folder.iterdir())
+        files = {p.name: sha256_file(p) for p in sorted(self.folder.iterdir())
                  if p.is_file() and not p.name.startswith(".")}
         return {"name": self.name, "transformers": transformers.__version__, "pooling": self.pooling,
                 "max_length": self.max_length, "files_sha256": files}
@@ -322,14 +323,6 @@ def cosine_matrix(vectors: np.ndarray) -> np.ndarray:
 def _unit(x: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(x, axis=-1, keepdims=True)
     return x / np.where(norms > 0, norms, 1.0)
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _hf_cache() -> str:
