@@ -170,12 +170,7 @@ def load_recipe(name_or_path: str | None = None, overrides: list[str] | tuple = 
     raw: dict = {}
     if name_or_path:
         path = find_recipe(name_or_path)
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise CxrlabError(f"recipe {path}: not valid YAML: {exc}") from exc
-        if not isinstance(raw, dict):
-            raise CxrlabError(f"recipe {path}: expected a mapping at the top level")
+        raw = _read_recipe_file(path, f"recipe {path}")
         raw.setdefault("name", path.stem)
     raw = _resolve_base(copy.deepcopy(raw), seen=(str(name_or_path),))
     for item in overrides:
@@ -188,6 +183,17 @@ def load_recipe(name_or_path: str | None = None, overrides: list[str] | tuple = 
             raise CxrlabError(f"override {item!r}: the value is not valid YAML ({_yaml_reason(exc)})") from None
         _set_path(raw, key.strip(), parsed)
     return from_dict(raw)
+
+
+def _read_recipe_file(path: Path, where: str) -> dict:
+    """A recipe file's YAML mapping (safe loader: no tag builds an object), errors naming ``where``."""
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise CxrlabError(f"{where}: not valid YAML: {_yaml_reason(exc)}") from None
+    if not isinstance(raw, dict):
+        raise CxrlabError(f"{where}: expected a mapping at the top level")
+    return raw
 
 
 def _yaml_reason(exc: yaml.YAMLError) -> str:
@@ -207,12 +213,7 @@ def _resolve_base(raw: dict, seen: tuple) -> dict:
     if base in seen:
         raise CxrlabError(f"recipe base cycle: {' -> '.join(seen + (base,))}")
     path = find_recipe(base)
-    try:
-        parent = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise CxrlabError(f"recipe {path} (base of {seen[-1]}): not valid YAML: {_yaml_reason(exc)}") from None
-    if not isinstance(parent, dict):
-        raise CxrlabError(f"recipe {path} (base of {seen[-1]}): expected a mapping at the top level")
+    parent = _read_recipe_file(path, f"recipe {path} (base of {seen[-1]})")
     parent.pop("name", None)
     return _merge(_resolve_base(parent, seen + (base,)), raw)
 
