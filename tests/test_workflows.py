@@ -288,3 +288,14 @@ def test_linear_head_heatmap_is_the_class_activation_map():
     np.testing.assert_allclose(maps, expected, atol=1e-5)
     np.testing.assert_allclose(probs, torch.sigmoid(logits).numpy(), atol=1e-6)
     assert maps.shape == (2, 3, 64, 64) and not np.allclose(maps[:, 0], maps[:, 1])
+
+
+def test_demo_table_flags_unreliable_labels():
+    from cxrlab.workflows.demo import _auc_table
+
+    metrics = {"per_label": {"Effusion": {"auc": 0.8, "auc_ci": [0.7, 0.9], "n_positive": 50},
+                             "Hernia": {"auc": 0.15, "auc_ci": [0.1, 0.2], "n_positive": 1}},
+               "macro_auc": 0.5, "map": 0.2, "macro_f1": 0.1, "unreliable_labels": ["Hernia"], "min_positives": 10}
+    lines = _auc_table(metrics).splitlines()
+    assert lines[2].endswith("† unreliable") and not lines[1].endswith("unreliable")
+    assert "fewer than 10 test positives" in lines[3]

@@ -43,11 +43,15 @@ def _write_samples(data, folder: Path, n: int) -> Path:
 
 def _auc_table(metrics: dict) -> str:
     rows = [f"{'label':<20} {'AUC':>6} {'95% CI':>15} {'n+':>5}"]
+    unreliable = set(metrics.get("unreliable_labels") or ())
     for name, m in metrics["per_label"].items():
         auc = m.get("auc")
         ci = m.get("auc_ci") or [None, None]
         ci_text = f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci[0] is not None else ""
-        rows.append(f"{name:<20} {auc if auc is None else f'{auc:.3f}':>6} {ci_text:>15} {m['n_positive']:>5}")
+        flag = " † unreliable" if name in unreliable else ""
+        rows.append(f"{name:<20} {auc if auc is None else f'{auc:.3f}':>6} {ci_text:>15} {m['n_positive']:>5}{flag}")
+    if unreliable:
+        rows.append(f"† fewer than {metrics.get('min_positives', 10)} test positives: AUC and CI carry no information")
     rows.append(f"{'macro AUC':<20} {metrics['macro_auc']:.3f}   mAP {metrics['map']:.3f}   "
                 f"macro F1 {metrics['macro_f1']:.3f}")
     return "\n".join(rows)
