@@ -353,7 +353,6 @@ def test_write_heatmaps_methods(exported, fixtures, tmp_path):
 
 
 def test_ensemble_export(exported, fixtures, tmp_path):
-    pytest.importorskip("cxrlab.ensemble")
     from cxrlab.data.images import read_image
     from cxrlab.ensemble import build_ensemble
     from cxrlab.inference.export import export_onnx

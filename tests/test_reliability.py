@@ -121,6 +121,32 @@ def test_resume_without_checkpoint_is_an_error_not_a_fresh_start(trained, tmp_pa
     assert main(["train", "demo", "--out", str(tmp_path / "new"), "--resume", *overrides]) == 2
 
 
+def test_compare_reuses_only_runs_of_the_same_recipe_and_resumes_interrupted_ones(trained, tmp_path, capsys):
+    root, overrides = trained
+    out = tmp_path / "cmp"
+    seed0 = out / "demo" / "seed0"
+    shutil.copytree(root / "run", seed0)  # the demo recipe at seed 0, as compare --seeds 1 would train it
+    args = ["compare", "demo", "--seeds", "1", "--out", str(out)]
+    for item in overrides:
+        args += ["--set", item]
+    log_before, best_before = sha(seed0 / "log.csv"), sha(seed0 / "best" / "model.safetensors")
+    assert main(args) == 0  # read back
+    assert sha(seed0 / "log.csv") == log_before
+    # another budget for the same --out: refused, naming the run and the changed field, nothing touched
+    assert main(args + ["--set", "train.epochs=2"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert str(seed0) in line and "train.epochs: 1 → 2" in line
+    assert sha(seed0 / "log.csv") == log_before
+    # an interrupted run (no report yet) resumes from last/: its trained weights are kept, not retrained
+    shutil.rmtree(seed0 / "report")
+    assert main(args) == 0
+    assert (seed0 / "report" / "metrics.json").is_file()
+    assert sha(seed0 / "best" / "model.safetensors") == best_before
+    shutil.rmtree(seed0 / "report")
+    assert main(args + ["--set", "loss.bce=1.0"]) == 2  # the checkpoint's recipe is checked too
+    assert "loss" in one_error_line(capsys.readouterr().err)
+
+
 def test_predict_and_evaluate_never_overwrite_and_check_out_before_the_work(trained, images, tmp_path, capsys):
     root, _ = trained
     best = str(root / "run" / "best")

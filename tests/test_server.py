@@ -275,7 +275,6 @@ def test_cli_serve_defaults_and_refusal(model_files, tmp_path, capsys):
 
 
 def test_ensemble_checkpoint_backend(tmp_path, shared_data):
-    pytest.importorskip("cxrlab.ensemble")
     from cxrlab.data.images import read_image
     from cxrlab.ensemble import build_ensemble
     from cxrlab.inference.predictor import Predictor

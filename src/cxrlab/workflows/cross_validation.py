@@ -167,15 +167,49 @@ def _write_significance(run_dirs: dict, reference: str, data, out_dir: Path, md_
     return result
 
 
+# where and how fast a run reads its data: these may change between an interrupted run and its restart
+_NOT_RESULT_FIELDS = {("data", "cache_dir"), ("data", "cache"), ("data", "num_workers")}
+
+
 def _run_once(recipe: Recipe, run_dir: Path, **kwargs) -> dict:
-    """The test metrics of one run; a run already finished in ``run_dir`` is read back, not repeated, so an
-    interrupted cross-validation or comparison resumes where it stopped."""
+    """The test metrics of one run. A run already finished in ``run_dir`` is read back, and one that was
+    interrupted is resumed from its last checkpoint, so a cross-validation or comparison continues where
+    it stopped; either must come from the same recipe, else stale numbers would be reported."""
+    from ..checkpoint import latest, read_info
     from .experiment import run
 
     done = run_dir / "report" / "metrics.json"
     if done.is_file():
-        return json.loads(done.read_text())
-    return run(recipe, run_dir, **kwargs).metrics
+        _check_same_recipe(recipe, _read_json(run_dir / "report" / "config.json"), run_dir)
+        return _read_json(done)
+    previous = latest(run_dir)
+    if previous is not None:
+        _check_same_recipe(recipe, read_info(previous).get("recipe"), run_dir)
+    return run(recipe, run_dir, resume=previous is not None, **kwargs).metrics
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CxrlabError(f"{path} is missing from a finished run; remove {path.parent.parent} to rerun it") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CxrlabError(f"{path} is corrupt or truncated ({exc}); remove {path.parent.parent} to rerun it") from None
+
+
+def _check_same_recipe(recipe: Recipe, saved: dict | None, run_dir: Path) -> None:
+    """Refuse to reuse a run trained from another recipe (an edited YAML, other --set values)."""
+    if saved is None:
+        return
+    wanted = json.loads(json.dumps(to_jsonable(recipe.to_dict())))
+    changed = [f"{section}.{key}: {saved.get(section, {}).get(key)!r} → {value!r}"
+               for section, fields in wanted.items() if isinstance(fields, dict)
+               for key, value in fields.items()
+               if (section, key) not in _NOT_RESULT_FIELDS and saved.get(section, {}).get(key) != value]
+    if changed:
+        raise CxrlabError(f"{run_dir} holds a run of a different recipe ({'; '.join(changed[:4])}"
+                          f"{'; ...' if len(changed) > 4 else ''}); choose another --out, or remove that folder "
+                          "to rerun it")
 
 
 def _check_same_data(recipes: dict) -> None:
