@@ -154,6 +154,11 @@ def test_heatmaps_from_lcl_attention_and_linear_cam(trained, shared_data, tmp_pa
     assert sorted(p.name for p in out.iterdir()) == ["00000001_000_Cardiomegaly.png", "00000001_000_Effusion.png"]
     assert main(["heatmap", str(root / "run" / "best"), str(shared_data / "nih"), "--labels", "Cardiomegalyy",
                  "--out", str(out)]) == 2
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    assert main(["heatmap", str(root / "run" / "best"), str(shared_data / "nih" / "00000001_000.png"),
+                 "--out", str(blocker)]) == 2
+    assert blocker.read_text() == "not a folder"
 
 
 def test_lcl_run_reports_g_against_cooccurrence(trained, tmp_path):

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-RECIPES = ["msml_synthetic_bce", "msml_synthetic_msml", "msml_synthetic_msml_corloss", "msml_synthetic_bilinear",
-           "msml_synthetic"]
+RECIPES = ["msml_synthetic_bce", "msml_synthetic_msml", "msml_synthetic_msml_corloss",
+           "msml_synthetic_bilinear_unscaled", "msml_synthetic_bilinear", "msml_synthetic"]
 MEMBERS = ["msml_synthetic_bce", "msml_synthetic_msml"]
 METRICS = ["macro_auc", "map", "macro_f1"]
 

@@ -218,7 +218,9 @@ def _predict(args) -> int:
 
 def _heatmap(args) -> int:
     from ..inference.heatmaps import write_heatmaps
+    from ..outputs import writable_dir
 
+    writable_dir(args.out, "heatmap folder")  # PNGs of the same names are redrawn, nothing else is touched
     labels = [n.strip() for n in args.labels.split(",")] if args.labels else None
     written = write_heatmaps(args.checkpoint, args.inputs, args.out, labels=labels, top=args.top,
                              method=args.method)
