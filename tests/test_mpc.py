@@ -397,3 +397,13 @@ def test_warmup_epochs_switch_a_pseudo_label_term_on_later(term):
     assert logits.grad.abs().sum() > 0
     with pytest.raises(CxrlabError, match="warmup_epochs"):
         LOSSES.get(term)(ctx(), warmup_epochs=-1)
+
+
+def test_mpc_with_several_backbones_is_refused_before_data_is_prepared():
+    from cxrlab.config import load_recipe
+    from cxrlab.workflows.experiment import check_parts
+
+    recipe = load_recipe("mpc_synthetic", ["model.backbones=[test_resnet,test_resnet]", "model.head=concat"])
+    with pytest.raises(CxrlabError, match="regime 'mpc' works on one backbone's feature map.*lists 2"):
+        check_parts(recipe)
+    check_parts(load_recipe("mpc_synthetic"))  # one backbone: accepted

@@ -92,6 +92,9 @@ class MPC(Regime):
     (CheXpert's labeller sets "No Finding" on images with support devices: 3.9 % of its frontal images).
     """
 
+    # FPC and BTC perturb and mix one backbone's feature map; several backbones give several maps
+    one_feature_map = True
+
     def __init__(self, weak: Augment, strong: Augment, tau_pos: float = 0.95, tau_neg: float = 0.05,
                  fpc: bool = True, fpc_dropout: float = 0.5, btc: bool = True, btc_layers: int = 1,
                  btc_heads: int = 4, feature_dim: int | None = None, btc_dropout: float = 0.1,
