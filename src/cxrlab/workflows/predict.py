@@ -62,11 +62,10 @@ class _Tolerant(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int):
-        from ..data.cache import fit_image
-        from ..data.images import read_image
+        from ..data.images import read_fitted
 
-        try:
-            return fit_image(read_image(self.files[i]), self.size, self.mode), ""
+        try:  # the decoder prepare uses, so a file predicts from the pixels its training cache held
+            return read_fitted(self.files[i], self.size, self.mode), ""
         except Exception as exc:  # noqa: BLE001 - any decoder failure is this image's, reported in its row
             return np.zeros((self.size, self.size), np.uint8), f"{type(exc).__name__}: {exc}"
 
