@@ -1,6 +1,8 @@
-"""Add the fusion row to the msml_synthetic comparison: per seed, `cxrlab ensemble` of the BCE and the
-BCE + MSML models, scored like every run of `cxrlab compare` (same test part, per-label F1 thresholds
-fitted on the same validation part), then one table of mean ± std over seeds for every recipe.
+"""Add the fusion rows to the msml_synthetic comparison: per seed, `cxrlab ensemble` of the BCE and the
+BCE + MSML models; as a control, ensembles of two BCE models of neighbouring seeds (0+1, 1+2, 2+0), so
+a fusion gain is not just that of averaging two models. Each is scored like every run of `cxrlab
+compare` (same test part, per-label F1 thresholds fitted on the same validation part), then one table
+of mean ± std over seeds for every recipe.
 
     python docs/results/msml_synthetic_ensemble.py runs/msml_synthetic
 
@@ -39,18 +41,30 @@ def score(checkpoint: Path, data, parts, recipe) -> dict:
     return multilabel_report(*out["test"], names, thresholds=thresholds)
 
 
+def add_ensemble(table: dict, row: str, members: list[Path], folder: Path, data, parts, recipe) -> None:
+    """Build (once) the `cxrlab ensemble` of ``members`` in ``folder``, score it and add it to ``row``."""
+    from cxrlab.ensemble import build_ensemble
+
+    if not folder.exists():
+        build_ensemble(members, folder)
+    metrics = score(folder, data, parts, recipe)
+    print(f"{row} {folder.name}: " + ", ".join(f"{m} {metrics[m]:.4f}" for m in METRICS))
+    for m in METRICS:
+        table[row][m].append(metrics[m])
+
+
 def main(run_dir: Path) -> None:
     from cxrlab.config import load_recipe
     from cxrlab.data.prepared import prepare_data, split_rows
-    from cxrlab.ensemble import build_ensemble
 
     recipe = load_recipe(MEMBERS[0])
     data = prepare_data(recipe, progress=False)
     parts = split_rows(recipe, data)
+
     def finished(name):
         return {p.parent.parent.name for p in (run_dir / name).glob("seed*/report/metrics.json")}
 
-    table = {name: {m: [] for m in METRICS} for name in RECIPES + ["ensemble_bce_msml"]}
+    table = {name: {m: [] for m in METRICS} for name in RECIPES + ["ensemble_bce_msml", "ensemble_bce_bce"]}
     for name in RECIPES:  # every finished run (a recipe may have fewer seeds if the session ran out)
         for seed in sorted(finished(name)):
             metrics = json.loads((run_dir / name / seed / "report" / "metrics.json").read_text())
@@ -62,13 +76,14 @@ def main(run_dir: Path) -> None:
             own = json.loads((run_dir / name / seed / "report" / "metrics.json").read_text())["macro_auc"]
             print(f"check {name} {seed}: macro AUC {score(member, data, parts, recipe)['macro_auc']:.4f} "
                   f"here, {own:.4f} in its run")
-        folder = run_dir / "ensemble_bce_msml" / seed
-        if not folder.exists():
-            build_ensemble(members, folder)
-        metrics = score(folder, data, parts, recipe)
-        print(f"ensemble {seed}: " + ", ".join(f"{m} {metrics[m]:.4f}" for m in METRICS))
-        for m in METRICS:
-            table["ensemble_bce_msml"][m].append(metrics[m])
+        add_ensemble(table, "ensemble_bce_msml", members, run_dir / "ensemble_bce_msml" / seed, data, parts, recipe)
+    # control: two BCE baselines of neighbouring seeds, so a fusion gain is not just that of averaging two models
+    seeds = sorted(finished(MEMBERS[0]), key=lambda s: int(s[4:]))
+    for i, seed in enumerate(seeds if len(seeds) > 2 else seeds[:len(seeds) - 1]):
+        other = seeds[(i + 1) % len(seeds)]
+        members = [run_dir / MEMBERS[0] / s / "best" for s in (seed, other)]
+        add_ensemble(table, "ensemble_bce_bce", members, run_dir / "ensemble_bce_bce" / f"{seed}_{other}", data,
+                     parts, recipe)
     summary = {name: {m: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else float("nan"),
                           "runs": len(v)} for m, v in row.items()} for name, row in table.items() if row["macro_auc"]}
     (run_dir / "msml_with_ensemble.json").write_text(json.dumps(summary, indent=1))
