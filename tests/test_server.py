@@ -139,7 +139,13 @@ def test_labels_health_version_docs(onnx_server):
     assert version["runtime"].startswith("onnxruntime") and version["cxrlab"]
     schema = client.get("/openapi.json").json()
     assert {"/predict", "/heatmap", "/labels", "/health", "/version"} <= set(schema["paths"])
-    assert client.get("/docs").status_code == 200
+    docs = client.get("/docs")  # the API reference, drawn from the schema, with nothing from a CDN
+    assert docs.status_code == 200 and docs.headers["content-type"].startswith("text/html")
+    for path in schema["paths"]:
+        assert f"</span> {path}</h2>" in docs.text
+    assert "<script" not in docs.text and "cdn" not in docs.text.lower()
+    assert "<code>files</code>" in docs.text and "multipart/form-data" in docs.text  # /predict upload field
+    assert client.get("/redoc").status_code == 404
     page = client.get("/")
     assert page.status_code == 200 and "not a medical device" in page.text
     assert "http" not in client.get("/static/app.js").text.replace("http-equiv", "")  # nothing from a CDN

@@ -1,7 +1,7 @@
 """``cxrlab serve``: an HTTP API and a web page for one model (a checkpoint or an ONNX export).
 
 Stack: FastAPI on uvicorn. FastAPI gives typed endpoints, multipart uploads (through python-multipart)
-and the OpenAPI schema from the code itself (``/openapi.json``, ``/docs``); uvicorn is the reference
+and the OpenAPI schema from the code itself (``/openapi.json``; ``/docs`` renders it offline); uvicorn is the reference
 ASGI server, small and well kept. Both are widely used, so deployment people know them.
 
 Design:
@@ -248,7 +248,7 @@ def create_app(model_path, workers: int = 2, queue: int = 8, timeout: float = 30
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, File, Form, Query, Request, UploadFile
-    from fastapi.responses import FileResponse, JSONResponse, Response
+    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
     from fastapi.staticfiles import StaticFiles
 
     from .. import __version__
@@ -272,7 +272,8 @@ def create_app(model_path, workers: int = 2, queue: int = 8, timeout: float = 30
         if own_tmp:
             shutil.rmtree(tmp_root, ignore_errors=True)
 
-    app = FastAPI(title="cxrlab", version=__version__, lifespan=lifespan,
+    # docs_url=None: Swagger UI would load its scripts from a CDN; /docs is our offline page instead
+    app = FastAPI(title="cxrlab", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description=f"Multi-label chest X-ray classification. {DISCLAIMER}")
 
     @app.exception_handler(RequestError)
@@ -365,6 +366,12 @@ def create_app(model_path, workers: int = 2, queue: int = 8, timeout: float = 30
     @app.get("/version", summary="cxrlab and runtime versions, and the model's identity")
     async def version():
         return {"cxrlab": __version__, "runtime": backend.runtime, "model": backend.identity}
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs():
+        from .api_reference import api_reference_html
+
+        return HTMLResponse(api_reference_html(app.openapi()))
 
     @app.get("/", include_in_schema=False)
     async def index():
