@@ -10,9 +10,11 @@ logistic-regression probes (scikit-learn) on its training part, scored on its te
   head on the same backbone could read).
 
 If ``probe_label_features`` >> ``head``, the group-wise restriction loses information; if
-``probe_gap`` >> ``probe_label_features``, the label decomposition does. Usage::
+``probe_gap`` >> ``probe_label_features``, the label decomposition does. Run on the linear baseline too
+(only ``head`` and ``probe_gap``), to compare the backbones' pooled features. Usage::
 
-    python docs/results/lcl_linear_probe.py runs/lcl_os8/lcl_synthetic_os8 runs/lcl_os8/splits.csv
+    python docs/results/lcl_linear_probe.py runs/lcl_tr/lcl_synthetic_os8 runs/lcl_tr/splits.csv
+    python docs/results/lcl_linear_probe.py runs/lcl_tr/lcl_synthetic_os8_bce runs/lcl_tr/splits.csv
 """
 from __future__ import annotations
 
@@ -35,9 +37,10 @@ def embed(model, data, rows, batch: int = 128):
             x = dataset.batch(np.arange(start, min(start + batch, len(dataset))))["image"].float() / 255.0
             out = model.head(model.features(x))
             gap.append(out.extras["features"])
-            labels.append(out.extras["label_features"].flatten(1))
+            if "label_features" in out.extras:  # label-level heads only (a linear baseline has none)
+                labels.append(out.extras["label_features"].flatten(1))
             probs.append(torch.sigmoid(out.logits))
-    return (torch.cat(gap).numpy(), torch.cat(labels).numpy(), torch.cat(probs).numpy(),
+    return (torch.cat(gap).numpy(), torch.cat(labels).numpy() if labels else None, torch.cat(probs).numpy(),
             data.eval_target[rows], data.eval_mask[rows])
 
 
@@ -84,7 +87,8 @@ def main(recipe_dir: str, splits: str) -> None:
         columns = data.eval_columns
         row = {"fold": fold_dir.name,
                "head": macro_auc(te[2], te[3], te[4], columns),
-               "probe_label_features": macro_auc(probe(tr[1], tr[3], te[1], columns), te[3], te[4], columns),
+               "probe_label_features": (macro_auc(probe(tr[1], tr[3], te[1], columns), te[3], te[4], columns)
+                                        if tr[1] is not None else float("nan")),
                "probe_gap": macro_auc(probe(tr[0], tr[3], te[0], columns), te[3], te[4], columns)}
         print(row, flush=True)
         rows_out.append(row)
