@@ -335,6 +335,12 @@ def test_cli_export_then_predict_onnx_without_torch(tmp_path, fixtures):
     # a failed parity check is an error message naming the checkpoint, and no file
     assert main(["export", str(ckpt), "--out", str(tmp_path / "n.onnx"), "--tolerance", "-1"]) == 2
     assert not (tmp_path / "n.onnx").exists()
+    # an existing export is replaced only with --overwrite
+    before = (tmp_path / "m.onnx").read_bytes()
+    assert main(["export", str(ckpt), "--out", str(tmp_path / "m.onnx")]) == 2
+    assert (tmp_path / "m.onnx").read_bytes() == before
+    assert main(["export", str(ckpt), "--out", str(tmp_path / "m.onnx"), "--overwrite"]) == 0
+    assert json.loads((tmp_path / "m.onnx.json").read_text())["parity"]["n"] == 8
 
 
 def test_write_heatmaps_methods(exported, fixtures, tmp_path):

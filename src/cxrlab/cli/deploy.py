@@ -13,6 +13,7 @@ def add_deploy_commands(sub) -> None:
     p.add_argument("--check", nargs="+", type=Path, default=None, metavar="IMAGE",
                    help="image files/folders for the parity check (default: 8 synthetic radiographs)")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max |ORT - PyTorch| probability (1e-4)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing export and its sidecar")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("serve", help="HTTP API + web page for a checkpoint or an ONNX export")
@@ -38,7 +39,10 @@ def add_deploy_commands(sub) -> None:
 
 def _export(args: argparse.Namespace) -> int:
     from ..inference.export import export_onnx
+    from ..outputs import check_output_file
 
+    check_output_file(args.out, overwrite=args.overwrite, what="ONNX file")
+    check_output_file(args.out.with_name(args.out.name + ".json"), overwrite=args.overwrite, what="ONNX sidecar")
     sidecar = export_onnx(args.checkpoint, args.out, check=args.check, tolerance=args.tolerance)
     parity = sidecar["parity"]
     print(f"wrote {args.out} and {args.out.name}.json: parity max |ORT - PyTorch| = {parity['max_abs_diff']:.2e} "
