@@ -39,13 +39,14 @@ def add_deploy_commands(sub) -> None:
 
 def _export(args: argparse.Namespace) -> int:
     from ..inference.export import export_onnx
+    from ..inference.onnx_predictor import sidecar_path
     from ..outputs import check_output_file
 
     check_output_file(args.out, overwrite=args.overwrite, what="ONNX file")
-    check_output_file(args.out.with_name(args.out.name + ".json"), overwrite=args.overwrite, what="ONNX sidecar")
+    check_output_file(sidecar_path(args.out), overwrite=args.overwrite, what="ONNX sidecar")
     sidecar = export_onnx(args.checkpoint, args.out, check=args.check, tolerance=args.tolerance)
     parity = sidecar["parity"]
-    print(f"wrote {args.out} and {args.out.name}.json: parity max |ORT - PyTorch| = {parity['max_abs_diff']:.2e} "
+    print(f"wrote {args.out} and {sidecar_path(args.out).name}: parity max |ORT - PyTorch| = {parity['max_abs_diff']:.2e} "
           f"on {parity['n']} images (batch 1 and {parity['n']}; tolerance {parity['tolerance']:g})")
     return 0
 

@@ -46,10 +46,11 @@ def check_parts(recipe: Recipe) -> None:
         for key in (value if isinstance(value, dict) else {}):
             if key != "weight" and key not in accepted:
                 raise unknown(f"argument of loss {name!r}", key, ["weight", *accepted])
-    if getattr(REGIMES.get(recipe.regime.name), "one_feature_map", False) and len(recipe.model.backbones) > 1:
+    regime_cls = REGIMES.get(recipe.regime.name)
+    if getattr(regime_cls, "one_feature_map", False) and len(recipe.model.backbones) > 1:
         raise CxrlabError(f"regime {recipe.regime.name!r} works on one backbone's feature map, but "
                           f"model.backbones lists {len(recipe.model.backbones)}; use model.backbone (one)")
-    accepted = [p for p in inspect.signature(REGIMES.get(recipe.regime.name)).parameters
+    accepted = [p for p in inspect.signature(regime_cls).parameters
                 if p not in ("weak", "strong", "feature_dim", "label_names")]
     for key in recipe.regime.args:
         if key not in accepted and key != "feature_dim":
