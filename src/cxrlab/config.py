@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import sys
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -131,13 +133,18 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
-BUILTIN_RECIPES = Path(__file__).resolve().parents[2] / "recipes"
-RECIPE_DIRS = [Path.cwd() / "recipes", BUILTIN_RECIPES]
+# the recipes shipped as package data (a wheel holds them; a plain file system path once installed)
+BUILTIN_RECIPES = Path(str(resources.files("cxrlab.recipes")))
 
 
 def recipe_dirs() -> list[Path]:
-    """Where recipe names are looked up: ``recipes/`` of the current folder (now), then the built-in ones."""
-    return [Path.cwd() / "recipes", BUILTIN_RECIPES]
+    """Where recipe names are looked up, first match wins: ``recipes/`` of the current folder (now), the
+    folders of ``$CXRLAB_RECIPES`` (``dir1:dir2``), then the built-in ones."""
+    extra = [Path(p).expanduser() for p in os.environ.get("CXRLAB_RECIPES", "").split(os.pathsep) if p]
+    missing = [str(p) for p in extra if not p.is_dir()]
+    if missing:
+        raise CxrlabError(f"CXRLAB_RECIPES: no such folder: {', '.join(missing)}")
+    return [Path.cwd() / "recipes", *extra, BUILTIN_RECIPES]
 
 
 def find_recipe(name_or_path: str) -> Path:
@@ -151,7 +158,7 @@ def find_recipe(name_or_path: str) -> Path:
         if candidate.is_file():
             builtin = BUILTIN_RECIPES / candidate.name
             if builtin.is_file() and builtin.resolve() != candidate.resolve():
-                # a stray recipes/NAME.yaml in the current folder must not change an experiment unnoticed
+                # a stray recipes/NAME.yaml (or one on $CXRLAB_RECIPES) must not change an experiment unnoticed
                 print(f"cxrlab: note: recipe {name_or_path!r} is {candidate}, which replaces the built-in "
                       f"{builtin}", file=sys.stderr)
             return candidate
