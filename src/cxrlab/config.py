@@ -58,6 +58,12 @@ class ModelConfig:
     label_descriptions: dict = field(default_factory=dict)  # label -> description | {description, synonyms}
     backbones: list = field(default_factory=list)  # several: [name | {name, pretrained, output_stride}]; [] = backbone
     output_stride: int | None = None     # 8 | 16 | 32 where the backbone supports it; None = its default
+    # parts kept fixed (out of the optimiser; their BatchNorm statistics too): "backbone" or parameter-name
+    # prefixes such as [backbone.net.conv1, backbone.net.layer1]; [] = train everything
+    freeze: Any = field(default_factory=list)
+    # start from a checkpoint's weights: a folder (all weights, strict), or {path, parts: [backbone, ...]}
+    # (only those parts, strict within them); "{fold}" in the path is the cv/compare fold, e.g. r0f1
+    init_from: Any = None
 
 
 @dataclass
@@ -79,6 +85,11 @@ class OptimConfig:
     weight_decay: float = 1e-4
     momentum: float = 0.9
     nesterov: bool = False               # sgd only
+    # learning rate of each part = lr × its multiplier (engine/optim.py); new parts often need another rate
+    backbone_lr_mult: float = 1.0
+    head_lr_mult: float = 1.0
+    regime_lr_mult: float = 1.0          # the regime's own modules (e.g. MPC's batch transformer)
+    new_params_warmup_epochs: float = 0.0  # linear warm-up of the head's and regime's rates, on top of the schedule
 
 
 @dataclass
@@ -261,6 +272,10 @@ _RANGES = [
     ("data.num_workers", lambda v: v >= 0, "an integer >= 0"),
     ("optim.lr", lambda v: v > 0, "> 0"),
     ("optim.weight_decay", lambda v: v >= 0, ">= 0"),
+    ("optim.backbone_lr_mult", lambda v: v >= 0, ">= 0"),
+    ("optim.head_lr_mult", lambda v: v >= 0, ">= 0"),
+    ("optim.regime_lr_mult", lambda v: v >= 0, ">= 0"),
+    ("optim.new_params_warmup_epochs", lambda v: v >= 0, ">= 0"),
     ("schedule.warmup_epochs", lambda v: v >= 0, ">= 0"),
     ("schedule.step_size", lambda v: v >= 1, "an integer >= 1"),
     ("eval.bootstrap", lambda v: v >= 0, "an integer >= 0"),

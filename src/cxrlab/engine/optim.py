@@ -1,12 +1,16 @@
 """Optimiser and per-step learning-rate schedule from a recipe's ``optim`` and ``schedule`` sections.
 
-Parameter groups:
-  * network weights (model + regime modules) at ``lr`` with weight decay;
-  * biases and normalisation parameters (every parameter with ≤ 1 dimension) at ``lr`` without decay,
-    since decaying them only fights the normalisation (as timm and most reference code do);
+Parameter groups, each part of the network on its own (so a recipe can train a new head faster than a
+pretrained backbone, as ADD-GCN and GL-MLL do; see ``optim.*_lr_mult``):
+  * for each named part (``backbone``, ``head``, ``regime``; a plain module list is one unnamed part):
+    weights at ``lr * <part>_lr_mult`` with weight decay, and biases and normalisation parameters (every
+    parameter with ≤ 1 dimension) at the same lr without decay, since decaying them only fights the
+    normalisation (as timm and most reference code do);
   * each loss term's own trainable parameters (e.g. ROLE's label matrix) at ``lr * term.lr_multiplier``
     (default 1) and ``term.weight_decay`` (default 0: a label estimate is not a network weight).
-The schedule is a ``LambdaLR`` stepped once per optimiser step, so warm-up can end mid-epoch.
+Frozen parameters (``requires_grad`` off, see ``model.freeze``) are in no group.
+The schedule is a ``LambdaLR`` stepped once per optimiser step, so warm-up can end mid-epoch; the new
+parts (head, regime) may have a warm-up of their own (``optim.new_params_warmup_epochs``).
 """
 from __future__ import annotations
 
@@ -19,38 +23,71 @@ from torch import nn
 from ..config import OptimConfig, ScheduleConfig
 from ..errors import CxrlabError
 
+# parts whose parameters a recipe trains from scratch even when the backbone is pretrained
+NEW_PARTS = ("head", "regime")
 
-def param_groups(modules: Iterable[nn.Module], objective: nn.Module | None, lr: float,
-                 weight_decay: float) -> list[dict]:
-    """Optimiser parameter groups (named by their ``name`` key); empty groups are left out."""
+
+def part_multipliers(cfg: OptimConfig) -> dict[str, float]:
+    """The learning-rate multiplier of each named part."""
+    return {"backbone": cfg.backbone_lr_mult, "head": cfg.head_lr_mult, "regime": cfg.regime_lr_mult}
+
+
+def model_parts(model: nn.Module, regime_modules: nn.Module | None = None) -> dict[str, nn.Module]:
+    """``{"backbone", "head", "regime"}`` of a cxrlab model (a ``CxrModel``: backbone + head); any other
+    module is one part, ``model``, trained at the base learning rate."""
+    backbone, head = getattr(model, "backbone", None), getattr(model, "head", None)
+    if isinstance(backbone, nn.Module) and isinstance(head, nn.Module):
+        parts = {"backbone": backbone, "head": head}
+    else:
+        parts = {"model": model}
+    if regime_modules is not None:
+        parts["regime"] = regime_modules
+    return parts
+
+
+def param_groups(modules: dict[str, nn.Module] | Iterable[nn.Module], objective: nn.Module | None, lr: float,
+                 weight_decay: float, multipliers: dict[str, float] | None = None) -> list[dict]:
+    """Optimiser parameter groups (named by their ``name`` key, e.g. ``head.decay``; with a plain list of
+    modules ``decay`` / ``no_decay``); empty groups are left out. A parameter shared by two parts goes to
+    the first. Each group also records its ``part`` and its ``lr_mult``."""
+    parts = modules if isinstance(modules, dict) else {"": nn.ModuleList(list(modules))}
+    multipliers = multipliers or {}
     seen: set[int] = set()
-    decay, no_decay = [], []
-    for module in modules:
+    groups = []
+    for part, module in parts.items():
+        decay, no_decay = [], []
         for _, p in module.named_parameters():
             if not p.requires_grad or id(p) in seen:
                 continue
             seen.add(id(p))
             (no_decay if p.ndim <= 1 else decay).append(p)
-    groups = [{"name": "decay", "params": decay, "lr": lr, "weight_decay": weight_decay},
-              {"name": "no_decay", "params": no_decay, "lr": lr, "weight_decay": 0.0}]
+        mult = float(multipliers.get(part, 1.0))
+        prefix = f"{part}." if part else ""
+        groups += [{"name": f"{prefix}decay", "params": decay, "lr": lr * mult, "weight_decay": weight_decay,
+                    "part": part, "lr_mult": mult},
+                   {"name": f"{prefix}no_decay", "params": no_decay, "lr": lr * mult, "weight_decay": 0.0,
+                    "part": part, "lr_mult": mult}]
     terms = getattr(objective, "terms", {}) if objective is not None else {}
     for term_name, term in terms.items():
         params = [p for p in term.parameters() if p.requires_grad and id(p) not in seen]
         seen.update(id(p) for p in params)
-        groups.append({"name": f"loss.{term_name}", "params": params,
-                       "lr": lr * float(getattr(term, "lr_multiplier", 1.0)),
-                       "weight_decay": float(getattr(term, "weight_decay", 0.0))})
+        mult = float(getattr(term, "lr_multiplier", 1.0))
+        groups.append({"name": f"loss.{term_name}", "params": params, "lr": lr * mult,
+                       "weight_decay": float(getattr(term, "weight_decay", 0.0)), "part": "loss", "lr_mult": mult})
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(cfg: OptimConfig, modules: Iterable[nn.Module], objective: nn.Module | None = None,
-                    fused: bool = False) -> torch.optim.Optimizer:
+def build_optimizer(cfg: OptimConfig, modules: dict[str, nn.Module] | Iterable[nn.Module],
+                    objective: nn.Module | None = None, fused: bool = False) -> torch.optim.Optimizer:
     """AdamW, Adam (L2 weight decay, as several CXR papers train) or SGD (momentum, optional Nesterov)
-    over :func:`param_groups`.
+    over :func:`param_groups` (``modules``: named parts, see :func:`model_parts`, or a list).
 
     ``fused`` picks PyTorch's fused CUDA kernels (AdamW), worth having when every parameter is on a GPU.
     """
-    groups = param_groups(modules, objective, cfg.lr, cfg.weight_decay)
+    for part, mult in part_multipliers(cfg).items():
+        if not (math.isfinite(mult) and mult >= 0):
+            raise CxrlabError(f"optim.{part}_lr_mult must be a finite number >= 0, got {mult!r}")
+    groups = param_groups(modules, objective, cfg.lr, cfg.weight_decay, part_multipliers(cfg))
     if not groups:
         raise CxrlabError("nothing to train: the model, regime and loss have no trainable parameters")
     name = cfg.name.lower()
@@ -92,13 +129,26 @@ def lr_factor(cfg: ScheduleConfig, step: int, epochs: int, steps_per_epoch: int)
 
 
 def build_scheduler(cfg: ScheduleConfig, optimizer: torch.optim.Optimizer, epochs: int,
-                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """A per-step ``LambdaLR``; it scales every group, so the loss terms' lr multipliers are kept."""
+                    steps_per_epoch: int, new_params_warmup_epochs: float = 0.0
+                    ) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-step ``LambdaLR``; it scales every group, so the parts' and loss terms' lr multipliers are
+    kept. Groups of the new parts (head, regime) are also ramped linearly from 1/n to 1 over their first
+    ``new_params_warmup_epochs`` (n steps), on top of the schedule."""
     if cfg.warmup_epochs < 0:
         raise CxrlabError(f"schedule.warmup_epochs must be >= 0, got {cfg.warmup_epochs}")
+    if new_params_warmup_epochs < 0:
+        raise CxrlabError(f"optim.new_params_warmup_epochs must be >= 0, got {new_params_warmup_epochs}")
     if cfg.name.lower() not in ("cosine", "step", "constant"):
         raise CxrlabError(f"unknown schedule.name {cfg.name!r} (valid: cosine, step, constant)")
     if cfg.name.lower() == "step" and cfg.step_size <= 0:
         raise CxrlabError(f"schedule.step_size must be > 0, got {cfg.step_size}")
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(cfg, step, epochs, steps_per_epoch))
+    ramp = int(round(new_params_warmup_epochs * steps_per_epoch))
+
+    def schedule(step: int) -> float:
+        return lr_factor(cfg, step, epochs, steps_per_epoch)
+
+    def new_part(step: int) -> float:
+        return schedule(step) * min(1.0, (step + 1) / ramp)
+
+    lambdas = [new_part if ramp > 0 and g.get("part") in NEW_PARTS else schedule for g in optimizer.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)

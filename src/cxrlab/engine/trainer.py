@@ -35,7 +35,7 @@ from ..errors import CxrlabError, unknown
 from .. import checkpoint as ckpt
 from . import distributed as dist
 from .distributed import make_loader  # noqa: F401  (re-exported: callers build loaders from here)
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, model_parts
 
 log = logging.getLogger("cxrlab.trainer")
 
@@ -114,7 +114,7 @@ class Trainer:
         self.train_step = dist.wrap_ddp(self.step_module, self.device, t.find_unused_parameters,
                                         ignore=objective_buffers)
         self.params = [p for p in self.step_module.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(recipe.optim, [self.model, regime.modules], self.objective,
+        self.optimizer = build_optimizer(recipe.optim, model_parts(self.model, regime.modules), self.objective,
                                          fused=self.device.type == "cuda" and recipe.optim.name == "adamw")
         self.scheduler = None  # needs the number of steps per epoch: built in fit()
         self.ema = None
@@ -139,7 +139,8 @@ class Trainer:
     def prepare(self, steps_per_epoch: int) -> None:
         """Build the per-step schedule (fit calls this; exposed for benchmarks)."""
         self.steps_per_epoch = steps_per_epoch
-        self.scheduler = build_scheduler(self.recipe.schedule, self.optimizer, self.cfg.epochs, steps_per_epoch)
+        self.scheduler = build_scheduler(self.recipe.schedule, self.optimizer, self.cfg.epochs, steps_per_epoch,
+                                         self.recipe.optim.new_params_warmup_epochs)
 
     def fit(self, train_loader, val_loader=None, resume: bool = False) -> "FitResult":
         """Train ``train.epochs`` epochs (from the last checkpoint when ``resume``), then load the

@@ -40,6 +40,7 @@ def check_parts(recipe: Recipe) -> None:
     from ..registry import LOSSES, REGIMES
 
     check_model(recipe.model)  # backbone name(s), head, head arguments, one map or several
+    _check_init_and_freeze(recipe.model)
     check_label_text(recipe)  # DWML prototype head: text encoder name, arguments, hf: model on disk
     for name, value in recipe.loss.items():
         accepted = [p for p in inspect.signature(LOSSES.get(name)).parameters if p != "ctx"]
@@ -59,8 +60,10 @@ def check_parts(recipe: Recipe) -> None:
     parse_spec(recipe.augment.strong)
 
 
-def build_parts(recipe: Recipe, data: PreparedData, train_rows: np.ndarray):
-    """Model, objective and regime for a recipe, with the loss context from the training rows."""
+def build_parts(recipe: Recipe, data: PreparedData, train_rows: np.ndarray, fold: tuple[int, int] | None = None):
+    """Model, objective and regime for a recipe, with the loss context from the training rows; the model
+    starts from ``model.init_from`` (of this ``fold`` when its path says ``{fold}``) and has
+    ``model.freeze`` frozen."""
     from ..data.transforms import build_augment
     from ..losses.base import LossContext, Objective
     from ..models import build_from_config
@@ -70,6 +73,7 @@ def build_parts(recipe: Recipe, data: PreparedData, train_rows: np.ndarray):
     seed_everything(recipe.train.seed)  # model init and regime modules are part of the seeded run
     m = recipe.model
     model = build_from_config(m, len(data.labels))
+    _init_and_freeze(model, m, fold)
     full = data.full_target[train_rows] if data.full_target is not None else None
     ctx = LossContext.from_targets(data.labels.names, data.target[train_rows], data.mask[train_rows], full)
     if hasattr(model.head, "set_cooccurrence"):
@@ -90,6 +94,34 @@ def build_parts(recipe: Recipe, data: PreparedData, train_rows: np.ndarray):
     except TypeError as exc:
         raise CxrlabError(f"regime {recipe.regime.name!r}: bad regime.args {args}: {exc}") from exc
     return model, objective, regime
+
+
+def _check_init_and_freeze(m) -> None:
+    """The form of model.freeze / model.init_from, and that a fixed init_from checkpoint exists."""
+    from .. import checkpoint as ckpt
+    from ..models.parts import freeze_names, init_from_spec
+
+    freeze_names(m.freeze)
+    spec = init_from_spec(m.init_from)
+    if spec is not None and "{fold}" not in spec[0]:
+        ckpt.find_checkpoint(Path(spec[0]))
+
+
+def _init_and_freeze(model: nn.Module, m, fold: tuple[int, int] | None) -> None:
+    from .. import checkpoint as ckpt
+    from ..models.parts import freeze, init_from_spec, load_parts
+
+    spec = init_from_spec(m.init_from)
+    if spec is not None:
+        path, parts = spec
+        if "{fold}" in path:
+            if fold is None:
+                raise CxrlabError(f"model.init_from {path!r} names {{fold}}, which only cv and compare --cv give")
+            path = path.replace("{fold}", f"r{fold[0]}f{fold[1]}")
+        folder = ckpt.find_checkpoint(Path(path))
+        info = ckpt.read_info(folder)
+        load_parts(model, ckpt.read_tensors(folder, ckpt.MODEL_FILE, info, prefix="model"), parts, str(folder))
+    freeze(model, m.freeze)
 
 
 def run(recipe: Recipe, out_dir: Path, resume: bool = False, data: PreparedData | None = None,
@@ -121,7 +153,7 @@ def run(recipe: Recipe, out_dir: Path, resume: bool = False, data: PreparedData 
         if len(rows) == 0:
             raise CxrlabError(f"the {name} part of the split is empty ({recipe.data.split} split of "
                               f"{len(data.index)} images); adjust data.val_fraction / data.test_fraction")
-    model, objective, regime = build_parts(recipe, data, parts["train"])
+    model, objective, regime = build_parts(recipe, data, parts["train"], fold)
 
     def dataset(rows, train: bool):
         if train:
