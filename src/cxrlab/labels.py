@@ -112,28 +112,6 @@ def label_space(name: str) -> LabelSpace:
     return LABEL_SPACES[name]
 
 
-def convert(values: np.ndarray, source: LabelSpace, target: LabelSpace,
-            mapping: dict[str, str] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Map an N×|source| 0/1 matrix onto ``target``: returns (target N×|target|, mask N×|target|).
-
-    Labels of ``target`` that nothing maps to get mask 0 (unknown), never a silent 0. Several
-    source labels mapping to one target label are combined with OR.
-    """
-    mapping = mapping if mapping is not None else {n: n for n in source.names}
-    values = np.asarray(values, dtype=np.float32)
-    if values.ndim != 2 or values.shape[1] != len(source):
-        raise CxrlabError(f"expected an N×{len(source)} matrix for {source.name!r}, got {values.shape}")
-    out = np.zeros((len(values), len(target)), dtype=np.float32)
-    mask = np.zeros_like(out)
-    for src_name, dst_name in mapping.items():
-        if src_name not in source.names or dst_name not in target.names:
-            continue
-        j = target.index(dst_name)
-        out[:, j] = np.maximum(out[:, j], values[:, source.index(src_name)])
-        mask[:, j] = 1.0
-    return out, mask
-
-
 def parse_labels(spec: str | Sequence[str]) -> LabelSpace:
     """A label space from a registered name ("nih14") or an explicit list of label names."""
     if isinstance(spec, str):
@@ -144,8 +122,6 @@ def parse_labels(spec: str | Sequence[str]) -> LabelSpace:
 def label_cooccurrence(targets, mask=None):
     """L×L matrix of P(label j | label i) over images where both are known; NaN rows for labels never
     positive. A label statistic used by losses (LCL), reports and plots alike."""
-    import numpy as np
-
     t = np.asarray(targets, dtype=np.float64)
     known = np.ones(t.shape, dtype=bool) if mask is None else np.asarray(mask) > 0
     pos = ((t > 0.5) & known).astype(np.float64)

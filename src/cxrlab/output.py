@@ -24,6 +24,7 @@ class Output:
       ``embedding``       B×D unit image embeddings z in the label metric space (prototype head)
       ``prototypes``      L×D unit label prototypes q (prototype head; not batched)
       ``similarity``      B×L cosines cos(z_i, q_c) in [-1, 1] (prototype head; the dwml loss reads it)
+      ``member_probs``    B×K×L each member's probabilities (an ensemble of K checkpoints; cxrlab.ensemble)
       regime extras (two-view training): ``pseudo_target``, ``pseudo_mask``, ``weak_logits``,
       ``fpc_logits``, ``btc_logits``
     """

@@ -155,7 +155,7 @@ def _train(args) -> int:
     from ..config import load_recipe
     from ..workflows.experiment import run
 
-    from ..outputs import check_run_dir
+    from ..paths import check_run_dir
 
     recipe = load_recipe(args.recipe, args.overrides)
     check_run_dir(args.out, resume=args.resume, overwrite=args.overwrite)
@@ -190,7 +190,7 @@ def _compare(args) -> int:
 def _evaluate(args) -> int:
     from ..workflows.evaluate import evaluate_checkpoint
 
-    from ..outputs import check_output_dir
+    from ..paths import check_output_dir
 
     check_output_dir(args.out, overwrite=args.overwrite, what="evaluation folder")
     report = evaluate_checkpoint(args.checkpoint, args.data, args.out, policy=args.policy, split=args.split)
@@ -199,7 +199,7 @@ def _evaluate(args) -> int:
 
 
 def _predict(args) -> int:
-    from ..outputs import check_output_file
+    from ..paths import check_output_file
 
     check_output_file(args.out, overwrite=args.overwrite, what="predictions file")
     if args.checkpoint.suffix.lower() == ".onnx":  # an export: ONNX Runtime only, torch is not imported
@@ -218,7 +218,7 @@ def _predict(args) -> int:
 
 def _heatmap(args) -> int:
     from ..inference.heatmaps import write_heatmaps
-    from ..outputs import writable_dir
+    from ..paths import writable_dir
 
     writable_dir(args.out, "heatmap folder")  # PNGs of the same names are redrawn, nothing else is touched
     labels = [n.strip() for n in args.labels.split(",")] if args.labels else None

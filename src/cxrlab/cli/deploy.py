@@ -40,7 +40,7 @@ def add_deploy_commands(sub) -> None:
 def _export(args: argparse.Namespace) -> int:
     from ..inference.export import export_onnx
     from ..inference.onnx_predictor import sidecar_path
-    from ..outputs import check_output_file
+    from ..paths import check_output_file
 
     check_output_file(args.out, overwrite=args.overwrite, what="ONNX file")
     check_output_file(sidecar_path(args.out), overwrite=args.overwrite, what="ONNX sidecar")

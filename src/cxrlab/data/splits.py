@@ -1,4 +1,7 @@
-"""Patient-disjoint splits: the official ones, stratified random splits and repeated K-fold manifests.
+"""Patient-disjoint splits: stratified train/val/test (``random_split``), repeated K-fold manifests
+(``repeated_kfold``, written and checked by ``write_manifest``/``read_manifest``) and how balanced a split
+came out (``fold_balance``). Official splits are not made here: a source marks them in its ``split``
+column and ``data/prepared.py`` uses it.
 
 Images of one patient are strongly correlated, so every split assigns whole patients. Patients carry
 from one to hundreds of images, so stratifying patients on "any image positive" (as iterative
