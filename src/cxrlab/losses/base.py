@@ -58,7 +58,9 @@ class LossTerm(nn.Module):
     contribute to a supervised term. Terms with per-epoch behaviour override ``on_epoch_start``.
     """
 
-    def __init__(self, ctx: LossContext):
+    def __init__(self, ctx: LossContext | None = None):
+        # None: a term that needs no training-set statistics (BCE, focal, ASL) is built without them;
+        # a term that reads them takes ``ctx`` as a required argument of its own
         super().__init__()
         self.ctx = ctx
 

@@ -18,7 +18,8 @@ from .base import LabelLoss, LossContext, masked_mean
 
 @LOSSES.register("bce")
 class BCE(LabelLoss):
-    """Binary cross-entropy per label, averaged over known entries (the CheXNet baseline)."""
+    """Binary cross-entropy per label, averaged over known entries (the CheXNet baseline; Rajpurkar et al.,
+    2017, "CheXNet: Radiologist-Level Pneumonia Detection on Chest X-Rays with Deep Learning")."""
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return masked_mean(F.binary_cross_entropy_with_logits(logits, target, reduction="none"), mask)
@@ -31,16 +32,29 @@ class WeightedBCE(LabelLoss):
     Counters the rarity of findings (Wang et al., CVPR 2017, ChestX-ray8, use the same balancing).
     Weights are clamped to ``[1/max_weight, max_weight]`` so a label with a handful of positives
     cannot dominate; labels with no known positive get weight 1 (there is nothing to up-weight).
+    Outside a recipe, give the counts as ``WeightedBCE(LossContext.from_targets(names, target, mask))``
+    or the weights themselves as ``WeightedBCE(pos_weight=[...])`` (one per label, used as given).
     """
 
-    def __init__(self, ctx: LossContext, max_weight: float = 100.0):
+    def __init__(self, ctx: LossContext | None = None, max_weight: float = 100.0, pos_weight=None):
         super().__init__(ctx)
         if max_weight < 1:
             raise CxrlabError(f"weighted_bce: max_weight must be >= 1, got {max_weight}")
-        pos = np.asarray(ctx.pos_count, dtype=np.float64)
-        neg = np.asarray(ctx.neg_count, dtype=np.float64)
-        weight = np.where(pos > 0, neg / np.maximum(pos, 1.0), 1.0)
-        weight = np.clip(weight, 1.0 / max_weight, max_weight)
+        if pos_weight is not None:
+            weight = np.asarray(pos_weight, dtype=np.float64).reshape(-1)
+            if not (np.isfinite(weight).all() and (weight > 0).all()):
+                raise CxrlabError(f"weighted_bce: pos_weight must be finite and > 0, got {weight.tolist()}")
+            if ctx is not None and len(weight) != ctx.num_labels:
+                raise CxrlabError(f"weighted_bce: pos_weight has {len(weight)} values for {ctx.num_labels} labels")
+        elif ctx is None:
+            raise CxrlabError("weighted_bce needs the training labels' positive frequencies: pass "
+                              "WeightedBCE(LossContext.from_targets(label_names, target, mask)) or the "
+                              "per-label weights, WeightedBCE(pos_weight=[neg/pos, ...])")
+        else:
+            pos = np.asarray(ctx.pos_count, dtype=np.float64)
+            neg = np.asarray(ctx.neg_count, dtype=np.float64)
+            weight = np.where(pos > 0, neg / np.maximum(pos, 1.0), 1.0)
+            weight = np.clip(weight, 1.0 / max_weight, max_weight)
         # Derived from the data each time the objective is built, so not part of the saved state.
         self.register_buffer("pos_weight", torch.tensor(weight, dtype=torch.float32), persistent=False)
 
@@ -58,7 +72,7 @@ class Focal(LabelLoss):
     (γ = 2, α = 0.25); γ = 0, α = 0.5 is BCE / 2.
     """
 
-    def __init__(self, ctx: LossContext, gamma: float = 2.0, alpha: float = 0.25):
+    def __init__(self, ctx: LossContext | None = None, gamma: float = 2.0, alpha: float = 0.25):
         super().__init__(ctx)
         if gamma < 0 or not 0 <= alpha <= 1:
             raise CxrlabError(f"focal: need gamma >= 0 and 0 <= alpha <= 1, got gamma={gamma}, alpha={alpha}")
@@ -84,8 +98,8 @@ class ASL(LabelLoss):
     ``disable_torch_grad_focal_loss`` does. With γ⁻ = γ⁺ = 0 and m = 0 this is BCE.
     """
 
-    def __init__(self, ctx: LossContext, gamma_neg: float = 4.0, gamma_pos: float = 1.0, margin: float = 0.05,
-                 focus_no_grad: bool = False):
+    def __init__(self, ctx: LossContext | None = None, gamma_neg: float = 4.0, gamma_pos: float = 1.0,
+                 margin: float = 0.05, focus_no_grad: bool = False):
         super().__init__(ctx)
         if gamma_neg < 0 or gamma_pos < 0 or not 0 <= margin < 1:
             raise CxrlabError(f"asl: need gamma_neg, gamma_pos >= 0 and 0 <= margin < 1, got "
