@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", default=None, help="recipe the others are tested against (paired, on the "
                    "same test images; default: the first)")
     p.add_argument("--resamples", type=int, default=1000, help="paired bootstrap resamples (default 1000)")
+    p.add_argument("--tune", action="append", default=[], metavar="KEY=V1,V2,...",
+                   help="search these values for every recipe, in every fold or seed, choosing on the validation "
+                   "part (repeatable: the grid is the product)")
     p.add_argument("--out", required=True, type=Path)
     p.set_defaults(func=_compare)
 
@@ -182,7 +185,7 @@ def _compare(args) -> int:
     cv = _parse_cv(args.cv) if args.cv else None
     paths = compare(args.recipes, args.out, data=args.data, cv=cv, seeds=args.seeds,
                     overrides=args.overrides + _folds_file(args), reference=args.reference,
-                    resamples=args.resamples)
+                    resamples=args.resamples, tune=args.tune)
     print(f"comparison: {paths[0]}")
     return 0
 

@@ -72,12 +72,15 @@ OPTIONAL_COLUMNS = ("pseudo_pos_precision", "pseudo_pos_recall", "g_vs_cooccurre
 
 
 def write_comparison(results: dict, out_dir,
-                     metrics: Sequence[str] = ("macro_auc", "map", "macro_f1", "macro_f1_at_0.5")):
+                     metrics: Sequence[str] = ("macro_auc", "map", "macro_f1", "macro_f1_at_0.5"),
+                     tuning: dict | None = None):
     """Write ``comparison.json`` (recipe → metric → {mean, std, n}) and a side-by-side ``comparison.md``.
 
     ``results`` maps recipe name → ``aggregate(...)`` output. The JSON holds every aggregated top-level
     metric plus per-label AUC under ``auc/<label>``; the Markdown shows ``metrics`` (best mean in bold)
-    and a per-label AUC table. Returns (md_path, json_path).
+    and a per-label AUC table. ``tuning`` (recipe → ``workflows.tuning.summarize(...)``, the same grid
+    for every recipe) adds each recipe's search under its ``tuning`` key and a Markdown section.
+    Returns (md_path, json_path).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -89,11 +92,45 @@ def write_comparison(results: dict, out_dir,
                 row[f"auc/{label}"] = m["auc"]
         table[recipe] = {k: {"mean": v["mean"], "std": v["std"], "n": v["n"]} for k, v in row.items()}
     json_path = out_dir / "comparison.json"
-    write_json(json_path, table)
+    write_json(json_path, {r: {**row, "tuning": tuning[r]} if tuning else row for r, row in table.items()})
     md_path = out_dir / "comparison.md"
     extra = [m for m in OPTIONAL_COLUMNS if any(m in row for row in table.values())]
-    md_path.write_text(_comparison_markdown(results, table, list(metrics) + extra))
+    text = _comparison_markdown(results, table, list(metrics) + extra)
+    md_path.write_text(text + (_tuning_markdown(tuning) if tuning else ""))
     return md_path, json_path
+
+
+def _tuning_markdown(tuning: dict) -> str:
+    """The shared grid, then per recipe each run's validation score of every candidate (the chosen one in
+    bold) and how often each candidate was chosen."""
+    grids = [search["candidates"] for search in tuning.values()]
+    if any(grid != grids[0] for grid in grids):
+        raise CxrlabError("the recipes of a comparison searched different candidates; the report assumes one grid")
+    grid = grids[0]
+    keys = list(next(iter(grid.values())))
+    lines = ["", "## Tuning", "",
+             f"Every recipe searched the same {len(grid)} candidates in every fold or seed; selection on the "
+             "validation part only (each candidate's best validation score, the one its trainer selected its "
+             "checkpoint on); test metrics and predictions are not read for it. The tables above and the paired "
+             "tests use the chosen run of each fold or seed.", "",
+             "| candidate | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    lines += [f"| {cid} | " + " | ".join(str(values[k]) for k in keys) + " |" for cid, values in grid.items()]
+    for recipe, search in tuning.items():
+        runs = search["runs"]
+        lines += ["", f"### {recipe}: {search['select_on']} per candidate", "",
+                  "| run | " + " | ".join(grid) + " | chosen |", "|---|" + "---:|" * len(grid) + "---|"]
+        for run in runs:
+            cells = [_score_cell(run["val_scores"].get(cid), cid == run["chosen"]) for cid in grid]
+            chosen = ", ".join(f"{k}={v}" for k, v in run["values"].items())
+            lines.append(f"| {run['run']} | " + " | ".join(cells) + f" | {run['chosen']} ({chosen}) |")
+        counts = ", ".join(f"{cid} {n}/{len(runs)}" for cid, n in search["times_chosen"].items())
+        lines += ["", f"Times chosen: {counts}."]
+    return "\n".join(lines) + "\n"
+
+
+def _score_cell(score, chosen: bool) -> str:
+    text = "–" if score is None or not math.isfinite(_value(score)) else f"{score:.4f}"
+    return f"**{text}**" if chosen else text
 
 
 def _best(table: dict, key: str) -> str | None:

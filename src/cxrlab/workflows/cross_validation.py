@@ -57,10 +57,13 @@ def manifest_shape(manifest) -> tuple[int, int]:
 
 
 def run_cv(recipe: Recipe, out_dir: Path, repeats: int, folds: int, data=None, manifest=None,
-           progress: bool = True) -> dict:
-    """One model per fold of R×K CV; writes ``summary.json`` / ``summary.md`` with mean ± std."""
+           progress: bool = True, search=None) -> dict:
+    """One model per fold of R×K CV; writes ``summary.json`` / ``summary.md`` with mean ± std.
+
+    With ``search`` (``tuning.Search``) each fold trains every candidate and reports the one chosen on
+    validation (``tuning.tune_run``); the summary then also holds ``tuning``. ``run_dirs`` in the returned
+    summary are the folds' reported runs."""
     from .experiment import check_parts, prepare_data
-    from ..evaluation.tables import aggregate
 
     check_parts(recipe)
     out_dir = Path(out_dir)
@@ -69,19 +72,40 @@ def run_cv(recipe: Recipe, out_dir: Path, repeats: int, folds: int, data=None, m
     if manifest is None:
         manifest = make_manifest(recipe, data, repeats, folds, out_dir / "splits.csv")
     repeats, folds = manifest_shape(manifest)
-    reports = [_run_once(recipe, out_dir / f"r{repeat}f{k}", data=data, manifest=manifest, fold=(repeat, k),
-                         progress=progress)
-               for repeat in range(repeats) for k in range(folds)]
-    summary = aggregate(reports)
+    runs = [_run_fold(recipe, search, out_dir / f"r{repeat}f{k}", data=data, manifest=manifest, fold=(repeat, k),
+                      progress=progress)
+            for repeat in range(repeats) for k in range(folds)]
+    summary = _summary(runs, search)
     (out_dir / "summary.json").write_text(json.dumps(to_jsonable(summary), indent=2, allow_nan=False))
     (out_dir / "summary.md").write_text(_summary_markdown(recipe.name, summary, repeats, folds))
     summary["report"] = str(out_dir / "summary.md")
+    summary["run_dirs"] = [run_dir for _, run_dir, _ in runs]
+    return summary
+
+
+def _run_fold(recipe: Recipe, search, run_dir: Path, **kwargs) -> tuple[dict, Path, dict | None]:
+    """(test metrics, reported run folder, tuning record) of one fold or seed: the run itself, or with a
+    search the candidate chosen on validation."""
+    from .tuning import tune_run
+
+    if search is None:
+        return _run_once(recipe, run_dir, **kwargs), run_dir, None
+    return tune_run(search, run_dir, _run_once, **kwargs)
+
+
+def _summary(runs: list, search) -> dict:
+    from ..evaluation.tables import aggregate
+    from .tuning import summarize
+
+    summary = aggregate([metrics for metrics, _, _ in runs])
+    if search is not None:
+        summary["tuning"] = summarize(search.grid, [record for _, _, record in runs])
     return summary
 
 
 def compare(recipes: list[str], out_dir: Path, data: str | None = None, cv: tuple[int, int] | None = None,
             seeds: int | None = None, overrides: list[str] = (), progress: bool = True,
-            reference: str | None = None, resamples: int = 1000):
+            reference: str | None = None, resamples: int = 1000, tune: list[str] = ()):
     """Run several recipes on identical data and splits; write comparison.md and comparison.json.
 
     With ``cv = (R, K)`` every recipe uses the same R×K manifest (made once, from the first recipe's
@@ -89,24 +113,30 @@ def compare(recipes: list[str], out_dir: Path, data: str | None = None, cv: tupl
     With two or more recipes, each is also tested against ``reference`` (default: the first) on the same
     test images (``evaluation.paired``: runs matched fold by fold or seed by seed and pooled, the
     reference's evaluation labels); the result goes to significance.json and a comparison.md section.
+    With ``tune`` (``KEY=V1,V2,...`` specs) every recipe searches the same grid in every fold or seed and
+    reports the candidate chosen on validation (``workflows.tuning``); the tests use the chosen runs.
     """
     from .experiment import check_parts, prepare_data
-    from ..evaluation.tables import aggregate, write_comparison
+    from .tuning import make_search, parse_grid
+    from ..evaluation.tables import write_comparison
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     extra = list(overrides) + ([f"data.source={data}"] if data else [])
-    loaded = {}
+    grid = parse_grid(list(tune)) if tune else None
+    loaded, searches = {}, {}
     for name in recipes:
         recipe = load_recipe(name, extra)
         if recipe.name in loaded:
             raise CxrlabError(f"recipe {recipe.name!r} given twice")
         loaded[recipe.name] = recipe
+        searches[recipe.name] = make_search(name, extra, grid) if grid else None
     first = next(iter(loaded.values()))
     reference = _reference_name(reference, recipes, loaded)
     _check_same_data(loaded)
-    for recipe in loaded.values():  # every recipe's parts, before hours of training the first ones
-        check_parts(recipe)
+    for name, recipe in loaded.items():  # every recipe's parts, before hours of training the first ones
+        for each in searches[name].recipes if searches[name] else [recipe]:
+            check_parts(each)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     shared = prepare_data(first, progress=progress)
     results, run_dirs, datasets = {}, {}, {}
     manifest = None
@@ -116,20 +146,24 @@ def compare(recipes: list[str], out_dir: Path, data: str | None = None, cv: tupl
     for name, recipe in loaded.items():
         data_for_recipe = shared if _same_labels(first, recipe) else prepare_data(recipe, progress=progress)
         datasets[name] = data_for_recipe
+        search = searches[name]
         if cv:
             summary = run_cv(recipe, out_dir / name, cv[0], cv[1], data=data_for_recipe, manifest=manifest,
-                             progress=progress)
-            run_dirs[name] = [out_dir / name / f"r{r}f{k}" for r in range(cv[0]) for k in range(cv[1])]
+                             progress=progress, search=search)
+            run_dirs[name] = summary.pop("run_dirs")
         else:
-            reports = []
+            runs = []
             for seed in range(seeds or 1):
                 recipe.train.seed = seed
-                reports.append(_run_once(recipe, out_dir / name / f"seed{seed}", data=data_for_recipe,
-                                         progress=progress))
-            summary = aggregate(reports)
-            run_dirs[name] = [out_dir / name / f"seed{seed}" for seed in range(seeds or 1)]
+                if search:
+                    search.set_seed(seed)
+                runs.append(_run_fold(recipe, search, out_dir / name / f"seed{seed}", data=data_for_recipe,
+                                      progress=progress))
+            summary = _summary(runs, search)
+            run_dirs[name] = [run_dir for _, run_dir, _ in runs]
         results[name] = summary
-    paths = write_comparison(results, out_dir)
+    tuning = {name: summary.pop("tuning") for name, summary in results.items() if "tuning" in summary}
+    paths = write_comparison(results, out_dir, tuning=tuning or None)
     if len(loaded) > 1:
         _write_significance(run_dirs, reference, datasets[reference], out_dir, paths[0], resamples,
                             seed=loaded[reference].data.seed)
