@@ -103,7 +103,7 @@ def test_can_attention_by_hand_and_needs_the_cross_attention_extras():
     s = torch.sigmoid(streams)
     expected = bce + 0.1 * ((s[:, 0] - s[:, 1]) ** 2).mean()
     torch.testing.assert_close(loss(out, batch), expected)
-    with pytest.raises(CxrlabError, match="can_attention needs the extras.*cross_attention.*'features'"):
+    with pytest.raises(CxrlabError, match="can_attention needs head cross_attention.*'features'"):
         loss(Output(torch.zeros(2, 2), {"features": torch.zeros(2, 3)}), batch)
 
 

@@ -11,9 +11,13 @@ from .errors import unknown
 
 
 class Registry:
-    def __init__(self, kind: str):
+    """``extras``: for heads and regimes, the Output extras keys a registered class declares it fills
+    (with default arguments); losses fill none."""
+
+    def __init__(self, kind: str, extras: Callable[[Any], frozenset] = lambda factory: frozenset()):
         self.kind = kind
         self._items: dict[str, Callable[..., Any]] = {}
+        self._extras = extras
 
     def register(self, name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         def add(factory: Callable[..., Any]) -> Callable[..., Any]:
@@ -34,14 +38,27 @@ class Registry:
         _load_builtin_components()
         return sorted(self._items)
 
+    def items(self) -> list[tuple[str, Callable[..., Any]]]:
+        """``(name, factory)`` pairs in registration order (a module's main part before its variants)."""
+        _load_builtin_components()
+        return list(self._items.items())
+
+    def name_of(self, factory: Callable[..., Any]) -> str | None:
+        """The name ``factory`` is registered under (None if it is not)."""
+        return next((n for n, f in self.items() if f is factory), None)
+
+    def providers(self, keys) -> list[str]:
+        """The registered parts that declare every extras key of ``keys``, in registration order."""
+        return [n for n, f in self.items() if set(keys) <= self._extras(f)]
+
     def __contains__(self, name: str) -> bool:
         _load_builtin_components()
         return name in self._items
 
 
-HEADS = Registry("head")
+HEADS = Registry("head", extras=lambda head_cls: head_cls.extras_for({}))
 LOSSES = Registry("loss")
-REGIMES = Registry("regime")
+REGIMES = Registry("regime", extras=lambda regime_cls: regime_cls.extras_for({}))
 
 _loaded = False
 

@@ -186,10 +186,8 @@ class Trainer:
             dist.broadcast_buffers(self.ema.module)
         if val_loader is not None:
             row.update(self.validate(val_loader))
-        stats = self.regime.epoch_stats() if hasattr(self.regime, "epoch_stats") else {}
-        head = getattr(self.model, "head", None)
-        if hasattr(head, "epoch_stats"):  # per-epoch diagnostics of a head (e.g. LCL's G and maps)
-            stats = {**(stats or {}), **head.epoch_stats()}
+        # per-epoch diagnostics of the regime (e.g. MPC's pseudo-labels) and the head (e.g. LCL's G and maps)
+        stats = {**self.regime.epoch_stats(), **self.model.head.epoch_stats()}
         stats = dist_mean({k: float(v) for k, v in (stats or {}).items() if isinstance(v, (int, float, np.number))})
         row.update(stats)
         row["_stat_keys"] = list(stats)
@@ -389,7 +387,7 @@ class Trainer:
                     "ema": self.ema is not None,
                     "trainer": {**self.best, "history": self.history},
                     "torch": torch.__version__}
-            text = getattr(getattr(self.model, "head", None), "text_identity", None)
+            text = self.model.head.text_identity
             if text is not None:  # prototype head: the text encoder behind its stored label vectors
                 info["label_text"] = text
             ckpt.save_checkpoint(self.out_dir / "last", weights, state, structure, info,

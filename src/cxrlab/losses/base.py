@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -10,7 +11,7 @@ from torch import nn
 from ..errors import CxrlabError
 from ..labels import label_cooccurrence
 from ..output import Output
-from ..registry import LOSSES
+from ..registry import HEADS, LOSSES, REGIMES
 
 
 @dataclass
@@ -56,13 +57,32 @@ class LossTerm(nn.Module):
     ``batch`` is a dict with at least ``target`` (B×L), ``mask`` (B×L, 1 = known) and ``index``
     (B, row of the training set, for terms that keep per-image state). Masked entries never
     contribute to a supervised term. Terms with per-epoch behaviour override ``on_epoch_start``.
+
+    ``requires``: the ``Output.extras`` keys the term reads. A recipe's head and regime must provide
+    them (``check_parts`` refuses the recipe at load otherwise); :meth:`extras` reads them.
     """
+
+    requires: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, ctx: LossContext | None = None):
         # None: a term that needs no training-set statistics (BCE, focal, ASL) is built without them;
         # a term that reads them takes ``ctx`` as a required argument of its own
         super().__init__()
         self.ctx = ctx
+
+    def extras(self, output: Output) -> dict[str, torch.Tensor]:
+        """The required extras of ``output``, fp16/bf16 ones in fp32. A recipe's parts were checked at
+        load; this one-line error is for a term used in a loop of one's own."""
+        missing = self.requires - output.extras.keys()
+        if missing:
+            heads, regimes = HEADS.providers(missing), REGIMES.providers(missing)
+            part = f"head {' or '.join(heads)} (model.head={heads[0]})" if heads else \
+                f"regime {' or '.join(regimes)} (regime: {regimes[0]})" if regimes else "a head or regime that fills them"
+            raise CxrlabError(f"loss {LOSSES.name_of(type(self)) or type(self).__name__} needs {part}: it reads the "
+                              f"Output extras {', '.join(sorted(missing))}, and this model's output has "
+                              f"{sorted(output.extras)}")
+        return {k: output.extras[k].float() if output.extras[k].dtype in (torch.float16, torch.bfloat16)
+                else output.extras[k] for k in self.requires}
 
     def on_epoch_start(self, epoch: int) -> None:  # noqa: B027 - optional hook
         pass

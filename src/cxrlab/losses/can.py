@@ -16,8 +16,8 @@ batch; a label with no positive in the batch then gets no weight on its negative
 on the auxiliary classifier of the pooled cross map A, so A itself must be discriminative, plus a
 consistency term pulling the two streams' own predictions together (μ = 0.1; squared difference of
 probabilities, over every entry: it needs no label). Needs the ``cross_logits`` and ``stream_logits``
-extras of the ``cross_attention`` head (with ``head_args.auxiliary`` on); with any other head it is an
-error.
+extras of the ``cross_attention`` head (with ``head_args.auxiliary`` on); a recipe with any other head
+is refused when it is loaded.
 """
 from __future__ import annotations
 
@@ -99,6 +99,7 @@ class CANAttention(_Balance):
     consistency. Args: ``gamma`` (2.0), ``beta`` (``train``), ``mu`` (0.1)."""
 
     loss_name = "can_attention"
+    requires = frozenset({"cross_logits", "stream_logits"})  # cross_attention head, head_args.auxiliary on
 
     def __init__(self, ctx: LossContext, gamma: float = 2.0, beta: str = "train", mu: float = 0.1):
         super().__init__(ctx, gamma, beta)
@@ -107,11 +108,7 @@ class CANAttention(_Balance):
         self.mu = float(mu)
 
     def forward(self, output: Output, batch: dict) -> torch.Tensor:
-        missing = [k for k in ("cross_logits", "stream_logits") if k not in output.extras]
-        if missing:
-            raise CxrlabError(f"loss can_attention needs the extras {missing} of the two-backbone cross_attention "
-                              "head (model.head: cross_attention, head_args.auxiliary: true); this model's output "
-                              f"has {sorted(output.extras) or 'no extras'}")
-        streams = torch.sigmoid(output.extras["stream_logits"].float())  # B×2×L
+        extras = self.extras(output)
+        streams = torch.sigmoid(extras["stream_logits"].float())  # B×2×L
         consistency = (streams[:, 0] - streams[:, 1]).pow(2).mean()
-        return self.balance(output.extras["cross_logits"], batch) + self.mu * consistency
+        return self.balance(extras["cross_logits"], batch) + self.mu * consistency

@@ -46,6 +46,8 @@ def category_weights(pos_count, neg_count, power: float = 0.5) -> np.ndarray:
 
 @LOSSES.register("dwml")
 class DWML(LossTerm):
+    requires = frozenset({"similarity"})  # the prototype head's image-prototype cosines
+
     def __init__(self, ctx: LossContext, margin_pos: float = 0.5, margin_neg: float = 0.1, scale: float = 16.0,
                  category_power: float = 0.5, image_weight: str = "hardness", bce_weight: float = 0.0):
         super().__init__(ctx)
@@ -64,10 +66,7 @@ class DWML(LossTerm):
         self.register_buffer("category_weight", torch.tensor(weights, dtype=torch.float32), persistent=False)
 
     def forward(self, output: Output, batch: dict) -> torch.Tensor:
-        if "similarity" not in output.extras:
-            raise CxrlabError("loss dwml needs extras['similarity'] (image-prototype cosines): use "
-                              "model.head=prototype")
-        m = output.extras["similarity"].float()
+        m = self.extras(output)["similarity"].float()
         target = batch["target"].to(m.dtype)
         mask = batch["mask"].to(m.dtype) if "mask" in batch else torch.ones_like(target)
         if m.shape != target.shape:

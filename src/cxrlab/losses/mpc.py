@@ -59,19 +59,13 @@ def _known(batch: dict, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return target, mask > 0.5
 
 
-def _extra(term: str, output: Output, key: str, switch: str | None = None) -> torch.Tensor:
-    if key not in output.extras:
-        how = "`regime: mpc`" + (f" with `{switch}: true` in regime.args" if switch else "")
-        raise CxrlabError(f"loss {term!r} needs the Output extra {key!r}, which only the MPC regime produces: set "
-                          f"{how} (or drop {term!r} from the loss)")
-    value = output.extras[key]
-    return value.float() if value.dtype in (torch.float16, torch.bfloat16) else value
+_PSEUDO = frozenset({"pseudo_target", "pseudo_mask"})  # the regime's extras every consistency term reads
 
 
-def _pseudo(term: str, output: Output, batch: dict, like: torch.Tensor):
+def _pseudo(term: str, extras: dict, batch: dict, like: torch.Tensor):
     """Targets (observed label where known, else pseudo-label) and the known / pseudo-labelled masks."""
-    pseudo_target = _extra(term, output, "pseudo_target").to(like.dtype)
-    pseudo_mask = _extra(term, output, "pseudo_mask") > 0.5
+    pseudo_target = extras["pseudo_target"].to(like.dtype)
+    pseudo_mask = extras["pseudo_mask"] > 0.5
     target, known = _known(batch, like)
     if pseudo_target.shape != like.shape:
         raise CxrlabError(f"loss {term!r}: pseudo_target has shape {tuple(pseudo_target.shape)}, "
@@ -144,6 +138,8 @@ class ImagePerturbationConsistency(LossTerm):
     pseudo-labels on the confidently pseudo-labelled unknown entries."""
 
     name = "mpc_ipc"
+    key = "strong_logits"
+    requires = _PSEUDO | {key}
 
     def __init__(self, ctx: LossContext, reduction: str = "all", warmup_epochs: int = 0):
         super().__init__(ctx)
@@ -153,14 +149,12 @@ class ImagePerturbationConsistency(LossTerm):
     def on_epoch_start(self, epoch: int) -> None:
         self.warmup.epoch = epoch
 
-    def logits(self, output: Output) -> torch.Tensor:
-        return _float(_extra(self.name, output, "strong_logits"))
-
     def forward(self, output: Output, batch: dict) -> torch.Tensor:
-        logits = self.logits(output)
+        extras = self.extras(output)
+        logits = extras[self.key]
         if self.warmup.waiting:
             return logits.sum() * 0.0
-        target, known, pseudo = _pseudo(self.name, output, batch, logits)
+        target, known, pseudo = _pseudo(self.name, extras, batch, logits)
         values = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
         return _reduce(values, pseudo, ~known, self.reduction)
 
@@ -171,9 +165,8 @@ class FeaturePerturbationConsistency(ImagePerturbationConsistency):
     feature map (``extras['fpc_logits']``)."""
 
     name = "mpc_fpc"
-
-    def logits(self, output: Output) -> torch.Tensor:
-        return _extra(self.name, output, "fpc_logits", switch="fpc")
+    key = "fpc_logits"  # regime.args fpc: true
+    requires = _PSEUDO | {key}
 
 
 @LOSSES.register("mpc_btc")
@@ -182,6 +175,7 @@ class BatchTransformerCorrelation(LossTerm):
     observed labels and the pseudo-labels (every known or confidently pseudo-labelled entry)."""
 
     name = "mpc_btc"
+    requires = _PSEUDO | {"btc_logits"}  # regime.args btc: true
 
     def __init__(self, ctx: LossContext, reduction: str = "selected", warmup_epochs: int = 0):
         super().__init__(ctx)
@@ -192,9 +186,10 @@ class BatchTransformerCorrelation(LossTerm):
         self.warmup.epoch = epoch
 
     def forward(self, output: Output, batch: dict) -> torch.Tensor:
-        logits = _extra(self.name, output, "btc_logits", switch="btc")
+        extras = self.extras(output)
+        logits = extras["btc_logits"]
         if self.warmup.waiting:
             return logits.sum() * 0.0
-        target, known, pseudo = _pseudo(self.name, output, batch, logits)
+        target, known, pseudo = _pseudo(self.name, extras, batch, logits)
         values = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
         return _reduce(values, known | pseudo, torch.ones_like(known), self.reduction)

@@ -2,8 +2,9 @@
 
 One backbone (``model.backbone``): the head receives its B×D×h×w map. Several (``model.backbones``,
 e.g. ``[densenet121, {name: resnet50, pretrained: true}]``): every backbone sees the same image and the
-head receives the list of their maps, in recipe order; only heads declaring ``feature_maps = "several"``
+head receives the list of their maps, in recipe order; only heads with the ``several_maps`` capability
 (``concat``, ``cross_attention``) take them, and they are built with the list of channel counts.
+Every head subclasses :class:`cxrlab.models.heads.base.Head`, which declares what it provides.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from ..errors import CxrlabError, unknown
 from ..output import Output
 from ..registry import HEADS
 from .backbone import Backbone, check_backbone_name
+from .heads.base import Head
 
 SPEC_KEYS = ("name", "pretrained", "output_stride")
 
@@ -48,7 +50,7 @@ class CxrModel(nn.Module):
     maps (one per backbone, recipe order) with several; ``head(features(x)) == forward(x)`` always.
     """
 
-    def __init__(self, backbone: Backbone | Backbones, head: nn.Module):
+    def __init__(self, backbone: Backbone | Backbones, head: Head):
         super().__init__()
         self.backbone = backbone
         self.head = head
@@ -96,19 +98,27 @@ def check_head(head: str, head_args: dict | None = None, num_backbones: int = 1)
     """The registered head class, after checking that it accepts every key of ``head_args`` and takes
     as many feature maps as there are backbones."""
     head_cls = HEADS.get(head)
+    if not (isinstance(head_cls, type) and issubclass(head_cls, Head)):
+        raise CxrlabError(f"model.head {head!r} is registered as {head_cls!r}, which is not a subclass of "
+                          "cxrlab.models.heads.base.Head (the class that declares what a head provides)")
     accepted = [p for p in inspect.signature(head_cls).parameters if p not in ("in_features", "num_labels")]
     for key in head_args or {}:
         if key not in accepted:
             raise unknown(f"model.head_args key for head {head!r}", key, accepted)
-    several = getattr(head_cls, "feature_maps", "one") == "several"
+    several = head_cls.takes_several_maps()
     if num_backbones > 1 and not several:
-        takers = [n for n in HEADS.names() if getattr(HEADS.get(n), "feature_maps", "one") == "several"]
+        takers = heads_where(lambda h: h.takes_several_maps())
         raise CxrlabError(f"model.head {head!r} takes one feature map but model.backbones names {num_backbones}; "
                           f"use a head for several maps ({', '.join(takers)}) or one backbone")
     if num_backbones == 1 and several:
         raise CxrlabError(f"model.head {head!r} needs several backbones: set model.backbones, e.g. "
                           "[resnet18, resnet18] (model.backbone gives one)")
     return head_cls
+
+
+def heads_where(test) -> list[str]:
+    """The registered heads whose class passes ``test`` (for messages that name the heads that fit)."""
+    return [n for n in HEADS.names() if test(HEADS.get(n))]
 
 
 def check_model(model_cfg) -> list[BackboneSpec]:
@@ -142,16 +152,23 @@ def build_model(backbone: str | list, head: str, num_labels: int, pretrained: bo
     return CxrModel(net, head_cls(in_features, num_labels, **dict(head_args or {})))
 
 
-def build_from_config(model_cfg, num_labels: int, load_weights: bool = True) -> CxrModel:
+def build_from_config(model_cfg, num_labels: int, load_weights: bool = True, weight_names=None) -> CxrModel:
     """The model a recipe's model section (``ModelConfig`` or its dict) describes. ``load_weights=False``
-    skips pretrained weights (a checkpoint's own weights, and its recorded normalisation, follow)."""
+    skips pretrained weights (a checkpoint's own weights, and its recorded normalisation, follow).
+    ``weight_names``: the names of the weights the model will load (a checkpoint's); a head class with
+    ``args_for_weights`` completes its head_args from its own (``head.*``), so a checkpoint saved before
+    one of its defaults changed is rebuilt as it was trained."""
     specs = backbone_specs(model_cfg)
     get = model_cfg.get if isinstance(model_cfg, dict) else lambda k, d=None: getattr(model_cfg, k, d)
     entries = [{"name": s.name, "pretrained": s.pretrained if load_weights else False,
                 "output_stride": s.output_stride} for s in specs]
-    return build_model(entries if len(entries) > 1 else entries[0]["name"], get("head", "linear"), num_labels,
+    head, head_args = get("head", "linear"), dict(get("head_args", None) or {})
+    if weight_names is not None:
+        head_args = HEADS.get(head).args_for_weights(
+            head_args, [n[len("head."):] for n in weight_names if n.startswith("head.")])
+    return build_model(entries if len(entries) > 1 else entries[0]["name"], head, num_labels,
                        pretrained=entries[0]["pretrained"] if len(entries) == 1 else False,
-                       drop_rate=get("drop_rate", 0.0) or 0.0, head_args=get("head_args", None) or {},
+                       drop_rate=get("drop_rate", 0.0) or 0.0, head_args=head_args,
                        output_stride=entries[0]["output_stride"] if len(entries) == 1 else None)
 
 

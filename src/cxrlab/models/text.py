@@ -33,6 +33,7 @@ import numpy as np
 from ..errors import CxrlabError, unknown
 from ..labels_text import LabelText
 from ..serialization import sha256_file
+from .heads.base import Capability
 
 ENCODERS = ("hashed", "random", "wordllama", "hf:<path-or-id>")
 
@@ -300,7 +301,7 @@ def check_label_text(recipe) -> None:
     a label description override that names no label; nothing is encoded. A no-op for other heads."""
     from ..registry import HEADS
 
-    if not hasattr(HEADS.get(recipe.model.head), "set_label_text"):
+    if Capability.LABEL_TEXT not in HEADS.get(recipe.model.head).capabilities:
         return
     get_encoder(recipe.model.text_encoder, recipe.model.text_encoder_args)
 
@@ -308,8 +309,8 @@ def check_label_text(recipe) -> None:
 def attach_label_text(model, recipe, label_names) -> None:
     """Give a label-text head (``prototype``) its vectors from the recipe's encoder, through the cache
     (what the pipeline calls after building the model; a no-op for other heads)."""
-    head = getattr(model, "head", None)
-    if not hasattr(head, "set_label_text"):
+    head = model.head
+    if Capability.LABEL_TEXT not in head.capabilities:
         return
     vectors, identity = label_embeddings(label_names, recipe.model, cache_root(recipe.data.cache_dir))
     head.set_label_text(vectors, identity)

@@ -95,6 +95,13 @@ class MPC(Regime):
     # FPC and BTC perturb and mix one backbone's feature map; several backbones give several maps
     one_feature_map = True
 
+    @classmethod
+    def extras_for(cls, args: dict | None = None) -> frozenset[str]:
+        args = args or {}
+        return frozenset({"pseudo_target", "pseudo_mask", "weak_logits", "strong_logits"}
+                         | ({"fpc_logits"} if args.get("fpc", True) else set())
+                         | ({"btc_logits"} if args.get("btc", True) else set()))
+
     def __init__(self, weak: Augment, strong: Augment, tau_pos: float = 0.95, tau_neg: float = 0.05,
                  fpc: bool = True, fpc_dropout: float = 0.5, btc: bool = True, btc_layers: int = 1,
                  btc_heads: int = 4, feature_dim: int | None = None, btc_dropout: float = 0.1,

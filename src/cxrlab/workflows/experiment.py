@@ -48,16 +48,48 @@ def check_parts(recipe: Recipe) -> None:
             if key != "weight" and key not in accepted:
                 raise unknown(f"argument of loss {name!r}", key, ["weight", *accepted])
     regime_cls = REGIMES.get(recipe.regime.name)
-    if getattr(regime_cls, "one_feature_map", False) and len(recipe.model.backbones) > 1:
-        raise CxrlabError(f"regime {recipe.regime.name!r} works on one backbone's feature map, but "
-                          f"model.backbones lists {len(recipe.model.backbones)}; use model.backbone (one)")
     accepted = [p for p in inspect.signature(regime_cls).parameters
                 if p not in ("weak", "strong", "feature_dim", "label_names")]
     for key in recipe.regime.args:
         if key not in accepted and key != "feature_dim":
             raise unknown(f"regime.args key for regime {recipe.regime.name!r}", key, accepted)
+    check_contracts(recipe)
     parse_spec(recipe.augment.weak)
     parse_spec(recipe.augment.strong)
+
+
+def check_contracts(recipe: Recipe) -> None:
+    """Refuse a head, regime and loss terms that do not fit together, in one line naming both sides and
+    the heads (or regimes) that would fit: each part declares what it provides and requires."""
+    from ..models import heads_where
+    from ..registry import HEADS, LOSSES, REGIMES
+
+    head, regime = recipe.model.head, recipe.regime.name
+    head_cls, regime_cls = HEADS.get(head), REGIMES.get(regime)
+    if regime_cls.one_feature_map and head_cls.takes_several_maps():
+        fits = heads_where(lambda h: not h.takes_several_maps())
+        raise CxrlabError(f"regime {regime!r} works on one backbone's feature map, which head {head!r} does not "
+                          f"take (it takes several; model.backbones lists {len(recipe.model.backbones)}); heads that "
+                          f"do: {', '.join(fits)}")
+    from_head = head_cls.extras_for(recipe.model.head_args)
+    missing = regime_cls.requires - from_head
+    if missing:
+        raise CxrlabError(f"regime {regime!r} needs extras {', '.join(sorted(missing))}, which head {head!r} does not "
+                          f"provide; heads that do: {', '.join(HEADS.providers(missing)) or 'none'}")
+    available = from_head | regime_cls.extras_for(recipe.regime.args)
+    for name in recipe.loss:
+        missing = LOSSES.get(name).requires - available
+        if not missing:
+            continue
+        keys = ", ".join(sorted(missing))
+        heads, regimes = HEADS.providers(missing), REGIMES.providers(missing)
+        if heads:
+            args = f" with head_args {dict(recipe.model.head_args)}" if head in heads else ""
+            raise CxrlabError(f"loss {name!r} needs extras {keys}, which head {head!r}{args} does not provide; "
+                              f"heads that do: {', '.join(heads)}")
+        raise CxrlabError(f"loss {name!r} needs extras {keys}, which regime {regime!r} does not provide"
+                          + (f" with regime.args {dict(recipe.regime.args)}" if regime in regimes else "")
+                          + f"; regimes that do: {', '.join(regimes) or 'none'}")
 
 
 def build_parts(recipe: Recipe, data: PreparedData, train_rows: np.ndarray, fold: tuple[int, int] | None = None):
@@ -76,8 +108,7 @@ def build_parts(recipe: Recipe, data: PreparedData, train_rows: np.ndarray, fold
     _init_and_freeze(model, m, fold)
     full = data.full_target[train_rows] if data.full_target is not None else None
     ctx = LossContext.from_targets(data.labels.names, data.target[train_rows], data.mask[train_rows], full)
-    if hasattr(model.head, "set_cooccurrence"):
-        model.head.set_cooccurrence(ctx.cooccurrence)
+    model.head.set_cooccurrence(ctx.cooccurrence)  # a no-op for heads without the cooccurrence capability
     from ..models.text import attach_label_text
 
     attach_label_text(model, recipe, data.labels.names)  # label text vectors for the prototype head (DWML)
@@ -134,6 +165,7 @@ def run(recipe: Recipe, out_dir: Path, resume: bool = False, data: PreparedData 
     from ..metrics import fit_thresholds
     from ..checkpoint import set_thresholds
     from ..engine.trainer import Trainer, make_loader
+    from ..models.heads.base import Capability
 
     from ..engine import distributed as dist
 
@@ -195,8 +227,8 @@ def run(recipe: Recipe, out_dir: Path, resume: bool = False, data: PreparedData 
     thresholds_all[data.eval_columns] = thresholds
     set_thresholds(fit.checkpoint, thresholds_all.tolist())
     train_rows = parts["train"]
-    head = getattr(trainer.model, "head", None)
-    if hasattr(head, "correlation"):  # label-level heads: how the learned G relates to the data
+    head = trainer.model.head
+    if Capability.CORRELATION in head.capabilities:  # label-level heads: how the learned G relates to the data
         (out_dir / "report").mkdir(parents=True, exist_ok=True)
         metrics["g_vs_cooccurrence_r"] = _plot_correlation(out_dir / "report" / "correlation.png", head, data,
                                                            train_rows)

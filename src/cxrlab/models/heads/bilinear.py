@@ -35,6 +35,7 @@ from torch import nn
 from ...errors import CxrlabError, unknown
 from ...output import Output
 from ...registry import HEADS
+from .base import Head
 
 SKETCHES = ("tensor_sketch", "random_maclaurin")
 HEATMAP_NOTE = ("head 'bilinear' has no class activation map: its classifier reads vec(F Fᵀ/hw), "
@@ -98,7 +99,7 @@ class RandomMaclaurin(nn.Module):
 
 
 @HEADS.register("bilinear")
-class BilinearHead(nn.Module):
+class BilinearHead(Head):
     """Bilinear pooling head (Ge et al. 2018; Lin et al. ICCV 2015; compact: Gao et al. CVPR 2016).
 
     Args (``head_args``): ``dim`` channels after the 1×1 reduction (256; 0 or None = no reduction);
@@ -107,7 +108,8 @@ class BilinearHead(nn.Module):
     ``feature_scale`` [ours] factor on the normalised vector (1.0).
     """
 
-    heatmap_note = HEATMAP_NOTE  # read by cxrlab heatmap
+    provides = frozenset({"features"})
+    heatmap_note = HEATMAP_NOTE  # no NATIVE_MAPS capability: cxrlab heatmap says why
 
     def __init__(self, in_features: int, num_labels: int, dim: int | None = 256, compact: bool = False,
                  sketch: str = "tensor_sketch", compact_dim: int = 8192, seed: int = 0, dropout: float = 0.0,

@@ -34,6 +34,7 @@ from torch import nn
 from ...errors import CxrlabError, unknown
 from ...output import Output
 from ...registry import HEADS
+from .base import Capability, Head
 
 RESIZE = ("smaller", "none")
 
@@ -82,7 +83,7 @@ def _several(in_features, head: str, exactly: int | None = None) -> list[int]:
 
 
 @HEADS.register("cross_attention")
-class CrossAttentionHead(nn.Module):
+class CrossAttentionHead(Head):
     """CAN cross-attention head (Ma, Wang, Hoi, MICCAI 2019) for two backbones.
 
     Args (``head_args``): ``dim`` aligned channels (256); ``shared_attention`` one map for all labels
@@ -91,7 +92,15 @@ class CrossAttentionHead(nn.Module):
     pooled label features (0.0); ``resize`` ``smaller`` | ``none`` for maps of different sizes.
     """
 
-    feature_maps = "several"
+    provides = frozenset({"attention", "stream_logits", "cross_pooled", "cross_logits", "label_features",
+                          "features"})
+    capabilities = frozenset({Capability.SEVERAL_MAPS, Capability.NATIVE_MAPS})
+
+    @classmethod
+    def extras_for(cls, head_args: dict | None = None) -> frozenset[str]:
+        # the auxiliary classifier (cross_logits) exists only with auxiliary on
+        auxiliary = (head_args or {}).get("auxiliary", True)
+        return cls.provides if auxiliary else cls.provides - {"cross_logits"}
 
     def __init__(self, in_features: list[int], num_labels: int, dim: int = 256, shared_attention: bool = False,
                  auxiliary: bool = True, dropout: float = 0.0, resize: str = "smaller"):
@@ -138,11 +147,12 @@ class CrossAttentionHead(nn.Module):
 
 
 @HEADS.register("concat")
-class ConcatHead(nn.Module):
+class ConcatHead(Head):
     """Control for two (or more) backbones without cross-attention: global average pool of each map,
     concatenated, dropout, one linear layer. Args: ``dropout`` (0.0)."""
 
-    feature_maps = "several"
+    provides = frozenset({"features"})
+    capabilities = frozenset({Capability.SEVERAL_MAPS})
 
     def __init__(self, in_features: list[int], num_labels: int, dropout: float = 0.0):
         super().__init__()

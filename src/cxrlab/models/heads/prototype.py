@@ -29,12 +29,16 @@ from torch import nn
 from ...errors import CxrlabError
 from ...output import Output
 from ...registry import HEADS
+from .base import Capability, Head
 
 
 @HEADS.register("prototype")
-class PrototypeHead(nn.Module):
+class PrototypeHead(Head):
     """Args (``head_args``): ``dim`` of the metric space (256); ``hidden`` width of the image MLP (512);
     ``kappa`` the starting scale κ (16); ``learn_kappa`` (True); ``dropout`` before the MLP (0.0)."""
+
+    provides = frozenset({"embedding", "prototypes", "similarity", "features"})
+    capabilities = frozenset({Capability.LABEL_TEXT})
 
     def __init__(self, in_features: int, num_labels: int, dim: int = 256, hidden: int = 512,
                  kappa: float = 16.0, learn_kappa: bool = True, dropout: float = 0.0):
