@@ -22,6 +22,7 @@ from torch import nn
 
 from ..config import OptimConfig, ScheduleConfig
 from ..errors import CxrlabError
+from ..models import CxrModel
 
 # parts whose parameters a recipe trains from scratch even when the backbone is pretrained
 NEW_PARTS = ("head", "regime")
@@ -35,9 +36,8 @@ def part_multipliers(cfg: OptimConfig) -> dict[str, float]:
 def model_parts(model: nn.Module, regime_modules: nn.Module | None = None) -> dict[str, nn.Module]:
     """``{"backbone", "head", "regime"}`` of a cxrlab model (a ``CxrModel``: backbone + head); any other
     module is one part, ``model``, trained at the base learning rate."""
-    backbone, head = getattr(model, "backbone", None), getattr(model, "head", None)
-    if isinstance(backbone, nn.Module) and isinstance(head, nn.Module):
-        parts = {"backbone": backbone, "head": head}
+    if isinstance(model, CxrModel):
+        parts = {"backbone": model.backbone, "head": model.head}
     else:
         parts = {"model": model}
     if regime_modules is not None:
