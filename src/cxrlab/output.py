@@ -21,6 +21,9 @@ class Output:
       ``cross_logits``    B×L auxiliary classifier on ``cross_pooled`` (the can_attention loss reads it)
       ``label_attention`` B×L×L label-to-label self-attention weights (averaged over heads)
       ``correlation``     L×L global label-correlation matrix G (rows sum to 1)
+      ``global_logits``   B×L logits of a label-level head's global branch fc(GAP F) (lcl, label_query
+                          with ``global_branch``; the head's logits average them with ``label_logits``)
+      ``label_logits``    B×L logits of the label branch alone (same heads; the lcl_branches loss reads both)
       ``embedding``       B×D unit image embeddings z in the label metric space (prototype head)
       ``prototypes``      L×D unit label prototypes q (prototype head; not batched)
       ``similarity``      B×L cosines cos(z_i, q_c) in [-1, 1] (prototype head; the dwml loss reads it)

@@ -3,9 +3,11 @@
 Zhang, Liang, Cao, Liu, Yang, Zaiane, "Label correlation guided discriminative label feature learning for
 multi-label chest image classification", Computer Methods and Programs in Biomedicine 245 (2024) 108032.
 The paper's total objective is ``L = L_cls + λ1 L_cons + λ2 L_supcon`` (λ1 = λ2 = 0.1 to start), e.g.
-``loss: {weighted_bce: 1.0, lcl_consistency: 0.1, lcl_supcon: 0.1}``. Both terms read the extras of the
-``lcl`` or ``label_query`` head (:mod:`cxrlab.models.heads.lcl`): ``label_features`` (B×C×d') and
-``correlation`` (G, C×C, rows sum to 1). The exact forms below are our reconstructions ([ours] in the spec).
+``loss: {lcl_branches: 1.0, lcl_consistency: 0.1, lcl_supcon: 0.1}``. The two auxiliary terms read the
+extras of the ``lcl`` or ``label_query`` head (:mod:`cxrlab.models.heads.lcl`): ``label_features``
+(B×C×d') and ``correlation`` (G, C×C, rows sum to 1); their exact forms are our reconstructions ([ours]
+in the spec). ``lcl_branches`` is ``L_cls`` on a head with a global branch, as the group's GL-MLL trains
+it: the classification loss on each branch's logits, summed.
 """
 from __future__ import annotations
 
@@ -13,27 +15,63 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import CxrlabError
+from ..errors import CxrlabError, unknown
 from ..output import Output
 from ..registry import LOSSES
 from .base import LossContext, LossTerm, target_and_mask
+from .classification import BCE, WeightedBCE
 
 _EPS = 1e-8
 
 
-def _label_extras(output: Output, term: str) -> tuple[torch.Tensor, torch.Tensor]:
-    extras = output.extras
-    missing = [k for k in ("label_features", "correlation") if k not in extras]
-    if missing:
-        raise CxrlabError(f"loss {term} needs head lcl or label_query (the model's output has no "
-                          f"{', '.join(repr(k) for k in missing)} extra)")
+_LABEL_EXTRAS = frozenset({"label_features", "correlation"})  # the lcl and label_query heads fill them
+
+
+def _label_extras(term: LossTerm, output: Output) -> tuple[torch.Tensor, torch.Tensor]:
+    extras = term.extras(output)  # fp32 under autocast
     feats, corr = extras["label_features"], extras["correlation"]
     if feats.ndim != 3 or corr.shape != (feats.shape[1], feats.shape[1]):
-        raise CxrlabError(f"loss {term}: label_features must be B×C×d and correlation C×C, got "
+        raise CxrlabError(f"loss {type(term).__name__}: label_features must be B×C×d and correlation C×C, got "
                           f"{tuple(feats.shape)} and {tuple(corr.shape)}")
-    if feats.dtype in (torch.float16, torch.bfloat16):  # autocast: compute the loss in fp32
-        feats = feats.float()
     return feats, corr.to(feats.dtype)
+
+
+BRANCH_BASES = {"bce": BCE, "weighted_bce": WeightedBCE}
+
+
+@LOSSES.register("lcl_branches")
+class LCLBranches(LossTerm):
+    """The classification loss on each branch of a head with a global branch, summed:
+    ``base(global_logits) + base(label_logits)``, with ``base`` the ``bce`` or ``weighted_bce`` term
+    (the same math and masking; default ``weighted_bce``, as GL-MLL's class-balanced BCE).
+
+    GL-MLL (llt1836/GL-MLL, ``MyGCN.classifier_loss``) trains its global output ``fc(GAP F)`` and its
+    label-branch output each with its weighted BCE and sums the two, so the global branch alone is held
+    to the plain classifier's objective (a floor) while the label branch learns. Needs ``lcl`` (or
+    ``label_query``) with ``global_branch: true``, which fills the ``global_logits`` and
+    ``label_logits`` extras.
+    """
+
+    requires = frozenset({"global_logits", "label_logits"})
+
+    def __init__(self, ctx: LossContext, base: str = "weighted_bce"):
+        super().__init__(ctx)
+        if base not in BRANCH_BASES:
+            raise unknown("lcl_branches base", base, BRANCH_BASES)
+        self.base = BRANCH_BASES[base](ctx)
+
+    def forward(self, output: Output, batch: dict) -> torch.Tensor:
+        missing = [k for k in ("global_logits", "label_logits") if k not in output.extras]
+        if missing:
+            raise CxrlabError("loss lcl_branches needs a head with a global branch (head lcl or label_query "
+                              "with head_args global_branch: true); the model's output has no "
+                              f"{', '.join(repr(k) for k in missing)} extra")
+        total = 0.0
+        for key in ("global_logits", "label_logits"):
+            logits = output.extras[key].float()  # fp32 under autocast, as every classification term
+            target, mask = target_and_mask(batch, logits)
+            total = total + self.base.loss(logits, target, mask)
+        return total
 
 
 def local_correlation(label_features: torch.Tensor) -> torch.Tensor:
@@ -58,6 +96,8 @@ class LCLConsistency(LossTerm):
     needs no labels; unknown labels never enter the supervised part.
     """
 
+    requires = _LABEL_EXTRAS
+
     def __init__(self, ctx: LossContext, form: str = "frobenius", detach_g: bool = True,
                  supervised: bool = False, supervised_weight: float = 1.0):
         super().__init__(ctx)
@@ -71,7 +111,7 @@ class LCLConsistency(LossTerm):
         self.supervised_weight = float(supervised_weight)
 
     def forward(self, output: Output, batch: dict) -> torch.Tensor:
-        feats, g = _label_extras(output, "lcl_consistency")
+        feats, g = _label_extras(self, output)
         if self.detach_g:
             g = g.detach()
         s = local_correlation(feats)
@@ -121,6 +161,8 @@ class LCLSupCon(LossTerm):
     ``dim``); ``projection`` output size of the projection MLP (128; 0 = none).
     """
 
+    requires = _LABEL_EXTRAS
+
     def __init__(self, ctx: LossContext, temperature: float = 0.1, in_dim: int = 512, projection: int = 128):
         super().__init__(ctx)
         if temperature <= 0:
@@ -133,7 +175,7 @@ class LCLSupCon(LossTerm):
                                        nn.Linear(in_dim, projection)) if projection else None
 
     def forward(self, output: Output, batch: dict) -> torch.Tensor:
-        feats, g = _label_extras(output, "lcl_supcon")
+        feats, g = _label_extras(self, output)
         if self.projector is not None:
             if feats.shape[-1] != self.in_dim:
                 raise CxrlabError(f"lcl_supcon: the label features have size {feats.shape[-1]} but in_dim is "
