@@ -271,12 +271,6 @@ def load_model(checkpoint: Path, ema: bool | None = None):
         from .ensemble import load_ensemble
 
         return load_ensemble(folder, info), info
-    try:
-        m = info["recipe"]["model"]
-        labels = info["labels"]
-        model = build_from_config(m, len(labels), load_weights=False)  # normalisation comes with the weights
-    except KeyError as exc:
-        raise CxrlabError(f"{folder / INFO_FILE} lacks {exc}") from None
     use_ema = info.get("ema", False) if ema is None else ema
     if use_ema:
         if not info.get("ema", False):
@@ -284,6 +278,13 @@ def load_model(checkpoint: Path, ema: bool | None = None):
         weights, where = read_tensors(folder, STATE_FILE, info, prefix="ema"), folder / STATE_FILE
     else:
         weights, where = read_tensors(folder, MODEL_FILE, info, prefix="model"), folder / MODEL_FILE
+    try:
+        m = info["recipe"]["model"]
+        labels = info["labels"]
+        # normalisation comes with the weights; their names settle head options added since the save
+        model = build_from_config(m, len(labels), load_weights=False, weight_names=weights)
+    except KeyError as exc:
+        raise CxrlabError(f"{folder / INFO_FILE} lacks {exc}") from None
     load_module(model, weights, where)
     return model.eval(), info
 
