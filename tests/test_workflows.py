@@ -3,7 +3,6 @@ test predictions, serving a raw file gives what training saw through the cache, 
 as stored, official splits follow their lists, prepared caches and fold files are used and checked."""
 from __future__ import annotations
 
-import ast
 import json
 from pathlib import Path
 
@@ -17,8 +16,6 @@ from cxrlab.config import load_recipe
 from cxrlab.data.prepared import prepare_data, split_rows
 from cxrlab.errors import CxrlabError
 from cxrlab.metrics import multilabel_report
-
-SRC = Path(__file__).resolve().parents[1] / "src" / "cxrlab"
 
 
 def _run_data(trained):
@@ -209,60 +206,6 @@ def test_cv_uses_a_folds_file_from_data_split(trained, tmp_path, capsys):
     capsys.readouterr()
     assert main(["cv", "demo", "--folds-file", str(other), "--out", str(tmp_path / "cv2"), *overrides]) == 2
     assert "lacks" in capsys.readouterr().err
-
-
-# --------------------------------------------------------------------------------------------- layering
-
-# which top-level parts of the package each part may import (the README's architecture section)
-FOUNDATION = {"errors", "labels", "labels_text", "output", "registry", "config", "serialization", "__version__"}
-ALLOWED = {
-    "data": FOUNDATION | {"data"},
-    "models": FOUNDATION | {"models"},
-    "losses": FOUNDATION | {"losses"},
-    "metrics": FOUNDATION | {"metrics"},
-    "regimes": FOUNDATION | {"regimes", "losses", "models"},
-    "checkpoint": FOUNDATION | {"models", "ensemble"},
-    "ensemble": FOUNDATION | {"models", "checkpoint"},  # several checkpoints as one model: the checkpoint layer
-    "engine": FOUNDATION | {"engine", "checkpoint", "ensemble", "metrics", "data", "models", "losses", "regimes"},
-    "evaluation": FOUNDATION | {"evaluation", "metrics"},
-    "inference": FOUNDATION | {"inference", "checkpoint", "ensemble", "data", "models", "metrics", "evaluation"},
-}
-
-
-def _imports(text: str, package: tuple[str, ...]) -> set[str]:
-    """The cxrlab top-level parts a module imports (relative imports resolved against its package)."""
-    found = set()
-    for node in ast.walk(ast.parse(text)):
-        if isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package[:len(package) - node.level + 1]
-                parts = (*base, *(node.module.split(".") if node.module else ()))
-                if not parts:  # `from .. import x` at the package root
-                    parts = tuple(a.name for a in node.names)
-                found.add(parts[0] if parts else "")
-            elif node.module and node.module.startswith("cxrlab."):
-                found.add(node.module.split(".")[1])
-        elif isinstance(node, ast.Import):
-            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("cxrlab.")}
-    return {p.removesuffix(".py") for p in found}
-
-
-def test_no_part_imports_from_a_layer_above_it():
-    bad = []
-    for path in sorted(SRC.rglob("*.py")):
-        part = path.relative_to(SRC).parts[0].removesuffix(".py")
-        if part not in ALLOWED:
-            continue
-        for imported in _imports(path.read_text(), path.relative_to(SRC).parts[:-1]) - ALLOWED[part] - {part}:
-            bad.append(f"{path.relative_to(SRC)} imports {imported}")
-    assert not bad, "\n".join(bad)
-
-
-def test_the_layering_check_sees_a_violation():
-    """The check above can fail: reaching up into workflows or the CLI is seen, relative or absolute."""
-    assert _imports("from ..workflows.experiment import run\n", ("data",)) == {"workflows"}
-    assert _imports("from ...cli import main\n", ("data", "sources")) == {"cli"}
-    assert _imports("import cxrlab.workflows.demo\nfrom .records import Records\n", ("data",)) == {"workflows", "data"}
 
 
 def test_linear_head_heatmap_is_the_class_activation_map():

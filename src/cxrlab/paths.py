@@ -2,19 +2,16 @@
 
 Hours of training or inference must not end in "permission denied", and a finished run or an existing
 output must not be replaced without an explicit ``--overwrite``. Every check raises a CxrlabError that
-names the path and says what to do.
+names the path and says what to do. (A training run's folder is checked by ``workflows.train.check_run_dir``,
+which knows what a run holds.)
 """
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
 from .errors import CxrlabError
-
-# what a training run writes into its --out folder (removed by --overwrite, so old and new never mix)
-RUN_ENTRIES = ("best", "last", ".best.old", ".last.old", "report", "log.csv", "tensorboard")
 
 
 def writable_dir(folder: Path, what: str = "output folder") -> Path:
@@ -52,28 +49,3 @@ def check_output_dir(path: Path, overwrite: bool = False, what: str = "output fo
         raise CxrlabError(f"{what} {path} already exists and is not empty; pass --overwrite to replace its "
                           "contents, or choose another --out")
     return writable_dir(path, what)
-
-
-def check_run_dir(path: Path, resume: bool = False, overwrite: bool = False) -> Path:
-    """The ``--out`` of ``train``: a new run, an interrupted run to ``resume``, or (``overwrite``) an
-    old run whose checkpoints, logs and report are removed first so the new run cannot mix with them."""
-    from .checkpoint import latest
-
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise CxrlabError(f"run folder {path} is a file, not a folder; choose another --out")
-    found = [name for name in RUN_ENTRIES if (path / name).exists()]
-    if resume:
-        if latest(path) is None and not overwrite:
-            raise CxrlabError(f"--resume: nothing to resume in {path} (no last/checkpoint.json); drop --resume "
-                              "to start a new run there, or add --overwrite to start afresh anyway")
-    elif found and not overwrite:
-        raise CxrlabError(f"{path} already holds a run ({', '.join(found)}); use --resume to continue it, "
-                          "--overwrite to replace it, or choose another --out")
-    writable_dir(path, "run folder")
-    # under torchrun every rank checks, one removes
-    if overwrite and not (resume and latest(path) is not None) and os.environ.get("RANK", "0") == "0":
-        for name in found:
-            target = path / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink()
-    return path

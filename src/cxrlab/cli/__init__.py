@@ -1,4 +1,5 @@
-"""The ``cxrlab`` command line. Each command is a thin layer over a library function."""
+"""The ``cxrlab`` command line: each command parses its arguments and makes one call into
+``cxrlab.workflows`` (``tests/test_layering.py`` holds ``cli/`` to that)."""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +9,11 @@ import sys
 from pathlib import Path
 
 from ..errors import CxrlabError
+from ..workflows.catalog import LISTS, list_names
+from .data import add_data_commands, add_prepare_command
+from .deploy import add_deploy_commands
+from .ensemble import add_ensemble_command
+from .prototypes import add_prototypes_command
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,22 +64,14 @@ def _error_line(exc: BaseException) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .data import add_data_commands, add_prepare_command
-
     parser = argparse.ArgumentParser(prog="cxrlab", description="Multi-label chest X-ray classification.")
     parser.add_argument("--debug", action="store_true",
                         help="show the traceback of an error (anywhere on the line; or CXRLAB_DEBUG=1)")
     sub = parser.add_subparsers(dest="command")
     add_data_commands(sub)
     add_prepare_command(sub)
-    from .prototypes import add_prototypes_command
-
     add_prototypes_command(sub)
-    from .deploy import add_deploy_commands
-
     add_deploy_commands(sub)
-    from .ensemble import add_ensemble_command
-
     add_ensemble_command(sub)
 
     p = sub.add_parser("train", help="train one model from a recipe; writes checkpoints and a test report")
@@ -137,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_heatmap)
 
     p = sub.add_parser("list", help="registered parts")
-    p.add_argument("what", choices=["backbones", "heads", "losses", "regimes", "recipes", "text-encoders"])
+    p.add_argument("what", choices=LISTS)
     p.add_argument("--filter", default=None, help="for backbones: a timm wildcard, e.g. 'densenet*'")
     p.set_defaults(func=_list)
 
@@ -155,26 +153,19 @@ def _recipe_args(p: argparse.ArgumentParser) -> None:
 
 
 def _train(args) -> int:
-    from ..config import load_recipe
-    from ..workflows.experiment import run
+    from ..workflows.train import train  # lazy: start-up time (torch), for every command
 
-    from ..paths import check_run_dir
-
-    recipe = load_recipe(args.recipe, args.overrides)
-    check_run_dir(args.out, resume=args.resume, overwrite=args.overwrite)
-    result = run(recipe, args.out, resume=args.resume)
-    if _is_main():
+    result = train(args.recipe, args.out, args.overrides, resume=args.resume, overwrite=args.overwrite)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from the main process
         print(f"report: {result.report}")
     return 0
 
 
 def _cv(args) -> int:
-    from ..config import load_recipe
-    from ..workflows.cross_validation import run_cv
+    from ..workflows.train import cv  # lazy: start-up time (torch), for every command
 
-    recipe = load_recipe(args.recipe, args.overrides + _folds_file(args))
-    repeats, folds = _parse_cv(args.cv) if args.cv else (recipe.data.repeats, recipe.data.folds)
-    summary = run_cv(recipe, args.out, repeats=repeats, folds=folds)
+    repeats, folds = _parse_cv(args.cv) if args.cv else (None, None)
+    summary = cv(args.recipe, args.out, args.overrides + _folds_file(args), repeats=repeats, folds=folds)
     print(f"report: {summary['report']}")
     return 0
 
@@ -232,33 +223,15 @@ def _heatmap(args) -> int:
 
 
 def _list(args) -> int:
-    from ..config import list_recipes
-    from ..registry import HEADS, LOSSES, REGIMES
-
-    if args.what == "backbones":
-        import timm
-
-        names = timm.list_models(args.filter or "*")
-    else:
-        from ..models.text import ENCODERS
-
-        names = {"heads": HEADS.names, "losses": LOSSES.names, "regimes": REGIMES.names,
-                 "recipes": list_recipes, "text-encoders": lambda: list(ENCODERS)}[args.what]()
-    print("\n".join(names))
+    print("\n".join(list_names(args.what, args.filter)))
     return 0
 
 
 def _demo(args) -> int:
-    from ..workflows.demo import run_demo
+    from ..workflows.demo import run_demo  # lazy: start-up time (torch), for every command
 
     run_demo(args.out, args.overrides)
     return 0
-
-
-def _is_main() -> bool:
-    from ..engine.distributed import is_main
-
-    return is_main()
 
 
 def _folds_file(args) -> list[str]:

@@ -1,18 +1,12 @@
-"""``cxrlab data stats``, ``cxrlab data split`` and ``cxrlab prepare``: look at a source, freeze its CV
-folds, build its image cache. Stats and split read label files only, so they run in seconds on 200k rows.
-"""
+"""The arguments of ``cxrlab data stats``, ``cxrlab data split`` and ``cxrlab prepare``; the work is in
+``cxrlab.workflows.data``."""
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from ..errors import unknown
-from ..data.cache import MODES, ON_ERROR, prepare
-from ..data.policies import POLICIES, PolicyResult, apply_policy
-from ..data.records import Records
-from ..data.sources import LABELLERS, parse_source
-from ..data.statistics import data_stats, format_stats
+from ..workflows import data as workflow
+from ..workflows.data import LABELLERS, MODES, ON_ERROR, POLICIES
 
 
 def add_data_commands(subparsers) -> None:
@@ -48,43 +42,14 @@ def _source_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--labeller", default="chexpert", help=f"MIMIC labels: {' or '.join(LABELLERS)}")
 
 
-def load(args) -> tuple[Records, PolicyResult | None]:
-    """The (view-filtered) records of the source and, with --policy, the policy's result."""
-    if args.policy and args.policy not in POLICIES:  # fail before a long load
-        raise unknown("label policy", args.policy, POLICIES)
-    records = parse_source(args.source, views=args.views, labeller=args.labeller)
-    if not args.policy:
-        return records, None
-    return records, apply_policy(records.values, records.labels, args.policy, seed=getattr(args, "seed", 0))
-
-
 def _stats(args) -> int:
-    stats = data_stats(*load(args))
-    print(json.dumps(stats) if args.json else format_stats(stats, args.source))
+    print(workflow.source_stats(args.source, args.policy, args.views, args.labeller, as_json=args.json))
     return 0
 
 
 def _split(args) -> int:
-    from ..data.splits import fold_balance, repeated_kfold, write_manifest
-
-    records, result = load(args)
-    if result is None:
-        strata = records.values == 1
-    else:
-        records, strata = records.take(result.rows), (result.target * result.mask) > 0
-    manifest = repeated_kfold(records, target=strata, folds=args.folds, repeats=args.repeats, seed=args.seed)
-    write_manifest(manifest, args.out)
-    sizes = manifest[manifest["repeat"] == 0].groupby("fold").size()
-    print(f"wrote {args.out}: {args.repeats} × {args.folds} folds over {len(records):,} images of "
-          f"{records.meta['patient_id'].nunique():,} patients (fold sizes in repeat 0: "
-          f"{', '.join(str(int(s)) for s in sizes)})")
-    for repeat in range(args.repeats):
-        fold = manifest["fold"].to_numpy()[manifest["repeat"].to_numpy() == repeat]
-        b = fold_balance(fold, strata, label_names=records.labels.names)
-        print(f"repeat {repeat}: worst fold deviation of a label's image prevalence "
-              f"{100 * b['worst_prevalence_deviation']:.2f} % ({b['worst_label']}; {b['labels_checked']} labels "
-              f"with >= {b['min_positives']:,} positive images), of a fold's size "
-              f"{100 * b['worst_size_deviation']:.2f} %")
+    print(workflow.split_source(args.source, args.out, folds=args.folds, repeats=args.repeats, seed=args.seed,
+                                policy=args.policy, views=args.views, labeller=args.labeller))
     return 0
 
 
@@ -107,10 +72,6 @@ def add_prepare_command(subparsers) -> argparse.ArgumentParser:
 
 
 def _prepare_command(args) -> int:
-    records = parse_source(args.source, views=args.views)
-    info = prepare(records, args.out, args.size, mode=args.mode, workers=args.workers, on_error=args.on_error,
-                   progress=not args.quiet)
-    state = "reused existing cache" if info.reused else "wrote"
-    print(f"{state} {args.out}: {info.n} images of {info.size}×{info.size} ({info.mode}), "
-          f"{info.n_failed} failed, labels {info.labels.name}")
+    print(workflow.prepare_source(args.source, args.out, args.size, mode=args.mode, workers=args.workers,
+                                  on_error=args.on_error, views=args.views, progress=not args.quiet))
     return 0

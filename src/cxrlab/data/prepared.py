@@ -12,8 +12,12 @@ import numpy as np
 import pandas as pd
 
 from ..config import Recipe
-from ..errors import CxrlabError
+from ..errors import CxrlabError, unknown
 from ..labels import LabelSpace, parse_labels
+from .cache import open_cache, prepare
+from .policies import apply_policy
+from .sources import parse_source
+from .splits import random_split
 
 
 @dataclass
@@ -61,8 +65,6 @@ def default_cache_dir(recipe: Recipe) -> Path:
 
 def check_labels(spec, available: LabelSpace) -> LabelSpace | None:
     """``data.labels`` as a label space, each name one of the source's (else the closest is suggested)."""
-    from ..errors import unknown
-
     if spec is None:
         return None
     wanted = parse_labels(spec)
@@ -73,10 +75,6 @@ def check_labels(spec, available: LabelSpace) -> LabelSpace | None:
 
 
 def prepare_data(recipe: Recipe, progress: bool = True) -> PreparedData:
-    from .cache import open_cache, prepare
-    from .policies import apply_policy
-    from .sources import parse_source
-
     d = recipe.data
     if d.cache:
         # a cache the user prepared: prepare() reuses it only if it holds this source at this size and
@@ -128,8 +126,6 @@ def split_rows(recipe: Recipe, data: PreparedData, manifest: pd.DataFrame | None
     ``cv``: fold ``fold = (repeat, k)`` of ``manifest`` is the test set; validation is carved from the
     remaining patients.
     """
-    from .splits import random_split
-
     d = recipe.data
     index = data.index
     everything = np.arange(len(index))
@@ -164,8 +160,6 @@ def split_rows(recipe: Recipe, data: PreparedData, manifest: pd.DataFrame | None
 
 
 def _carve(rows: np.ndarray, data: PreparedData, fraction: float, seed: int):
-    from .splits import random_split
-
     parts = random_split(data.index["patient_id"].to_numpy()[rows], data.strata()[rows],
                          val_fraction=fraction, test_fraction=0.0, seed=seed)
     return rows[np.asarray(parts["train"], dtype=np.int64)], rows[np.asarray(parts["val"], dtype=np.int64)]

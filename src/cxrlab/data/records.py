@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from ..labels import LabelSpace
+from .images import read_image
 
 
 @dataclass
@@ -31,8 +32,6 @@ class Records:
     def read(self, i: int) -> np.ndarray:
         if self.reader is not None:
             return self.reader(i)
-        from .images import read_image
-
         return read_image(self.meta["path"].iloc[i])
 
     def take(self, rows) -> "Records":

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import load_recipe
+from .experiment import prepare_data, run
+from .predict import predict_files
+
 
 def run_demo(out_dir: Path, overrides: list[str] = ()) -> dict:
-    from ..config import load_recipe
-    from .predict import predict_files
-    from .experiment import prepare_data, run
-
     start = time.perf_counter()
     out_dir = Path(out_dir)
     recipe = load_recipe("demo", [f"data.cache_dir={out_dir / 'cache'}", *overrides])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ...errors import CxrlabError, unknown
 from ..records import Records
+from ..synthetic import load_synthetic
 from ._common import filter_views
 from .chexpert import load_chexpert
 from .generic import load_csv, load_folder
@@ -40,8 +41,6 @@ def parse_source(spec: str, views=None, labeller: str = "chexpert", labels=None,
         return load_csv(location, views, labels=labels, duplicates=duplicates)
     if kind == "folder":
         return load_folder(location, views, labels=labels)
-    from ..synthetic import load_synthetic  # written separately; imported only when asked for
-
     return filter_views(load_synthetic(location), views)
 
 
