@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from cxrlab.data.cache import fit_image, open_cache, prepare
+from cxrlab.data.cache import open_cache, prepare
+from cxrlab.data.preprocess import fit_image
 from cxrlab.data.dataset import ImageSet
 from cxrlab.data.records import Records
 from cxrlab.data.synthetic import load_synthetic

@@ -63,15 +63,15 @@ def test_calibrate_refits_and_records(tmp_path, temperature):
     records = parse_source(source)
     cols = [records.labels.names.index(n) for n in LABELS]
     result = apply_policy(records.values[:, cols], LabelSpace("t", LABELS), "full")
-    probs = Predictor.from_checkpoint(ckpt, device="cpu").predict_read(
-        lambda i: records.read(int(result.rows[i])), len(result.rows), workers=0).astype(np.float64)
+    images = [records.read(int(row)) for row in result.rows]
+    probs = Predictor.from_checkpoint(ckpt, device="cpu").predict(images).astype(np.float64)
     if temperature:
         t = np.asarray(info["temperature"])
         assert t.shape == (3,) and (t > 0).all() and not np.allclose(t, 1.0)
         logits = np.log(probs) - np.log1p(-probs)
         probs = 1 / (1 + np.exp(-logits / t))
     else:
-        assert "temperature" not in info
+        assert info["temperature"] is None
     expected = fit_thresholds(probs, result.target, result.mask)  # on the (scaled) probabilities
     stored = np.asarray(info["thresholds"])
     if temperature:  # stored on the unscaled scale, so predict (no temperature) decides the same
@@ -85,7 +85,7 @@ def test_calibrate_refits_and_records(tmp_path, temperature):
     # the calibrated checkpoint predicts scaled probabilities against scaled thresholds: the same decisions
     calibrated = Predictor.from_checkpoint(tmp_path / "site", device="cpu")
     np.testing.assert_allclose(calibrated.thresholds, stored, atol=1e-12)
-    scaled = calibrated.predict_read(lambda i: records.read(int(result.rows[i])), len(result.rows), workers=0)
+    scaled = calibrated.predict(images)
     np.testing.assert_allclose(scaled, probs, atol=1e-5)
 
 
@@ -107,27 +107,26 @@ def test_calibrated_export_and_server_use_the_temperature(tmp_path, shared_data)
     from cxrlab.inference.calibrate import calibrate
     from cxrlab.inference.export import export_onnx
     from cxrlab.inference.calibrate import scaled_thresholds
-    from cxrlab.inference.onnx_predictor import OnnxPredictor
     from cxrlab.inference.predictor import Predictor
-    from cxrlab.inference.server import TorchBackend
 
     ckpt = tiny_checkpoint(tmp_path / "ckpt", size=32)
     calibrate(ckpt, "synthetic:64,size=32,seed=5", tmp_path / "site", temperature=True)
     sidecar = export_onnx(tmp_path / "site", tmp_path / "site.onnx", check=[shared_data / "nih" / "00000001_000.png"])
     info = json.loads((tmp_path / "site" / "checkpoint.json").read_text())
     assert sidecar["temperature"] == info["temperature"] and sidecar["threshold_source"] == info["threshold_source"]
-    assert sidecar["thresholds"] == pytest.approx(list(scaled_thresholds(info["thresholds"], info["temperature"])))
+    assert sidecar["thresholds"] == info["thresholds"]  # one card, one convention: the unscaled scale
+    onnx = Predictor.from_onnx(tmp_path / "site.onnx")
+    output_scale = scaled_thresholds(info["thresholds"], info["temperature"])
+    np.testing.assert_allclose(onnx.thresholds, output_scale, atol=1e-12)
     fitted = np.random.default_rng(0).integers(0, 255, (16, 32, 32)).astype(np.uint8)
-    scaled = OnnxPredictor(tmp_path / "site.onnx").predict_fitted(fitted)
-    backend = TorchBackend(tmp_path / "site", threads=1)
-    np.testing.assert_allclose(scaled, backend.predict(fitted), atol=1e-4)
-    np.testing.assert_allclose(backend.thresholds, sidecar["thresholds"], atol=1e-9)
-    # the checkpoint predictor applies the same temperature: the same probabilities and thresholds
-    predictor = Predictor.from_checkpoint(tmp_path / "site", device="cpu")
-    np.testing.assert_allclose(predictor.predict_cached(fitted), scaled, atol=1e-4)
-    np.testing.assert_allclose(predictor.thresholds, sidecar["thresholds"], atol=1e-9)
+    scaled = onnx.predict_fitted(fitted)
+    # the checkpoint predictor (what the server runs) applies the same temperature: the same
+    # probabilities and thresholds
+    predictor = Predictor.load(tmp_path / "site", device="cpu", threads=1)
+    np.testing.assert_allclose(predictor.predict_fitted(fitted), scaled, atol=1e-5)
+    np.testing.assert_allclose(predictor.thresholds, output_scale, atol=1e-12)
     # and the temperature did something: the model's raw probabilities differ
-    raw = Predictor(predictor.model, predictor.label_names, image_size=32).predict_cached(fitted)
+    raw = Predictor.from_model(predictor.model, predictor.label_names, image_size=32).predict_fitted(fitted)
     assert not np.allclose(raw, scaled, atol=1e-3)
 
 

@@ -90,7 +90,7 @@ def test_bad_ensembles_are_clear_errors(tmp_path):
     with pytest.raises(CxrlabError, match=r"label spaces differ: .*other has \['d'\].*lacks \['c'\]"):
         build_ensemble([f0, other], tmp_path / "e1")
     big, _ = make_checkpoint(tmp_path / "big", 2, image_size=64)
-    with pytest.raises(CxrlabError, match=r"big/checkpoint.json has data.image_size = 64"):
+    with pytest.raises(CxrlabError, match=r"big/checkpoint.json has input size 64"):
         build_ensemble([f0, big], tmp_path / "e2")
     with pytest.raises(CxrlabError, match="2 weights for 1 checkpoints"):
         build_ensemble([f0], tmp_path / "e3", weights=[1, 2])

@@ -41,17 +41,18 @@ def tiny_checkpoint(folder: Path, head: str = "linear", size: int = 64, seed: in
     from cxrlab.checkpoint import module_tensors, save_checkpoint
     from cxrlab.config import from_dict
     from cxrlab.models import build_model
+    from cxrlab.models.heads.base import Capability
 
     torch.manual_seed(seed)
     head_cls = HEADS.get(head)
-    several = getattr(head_cls, "feature_maps", "one") == "several"
+    several = head_cls.takes_several_maps()
     params = inspect.signature(head_cls).parameters
     args = {k: v for k, v in {"dim": 32, "num_heads": 4}.items() if k in params}
     backbone = ["test_resnet", "test_resnet"] if several else "test_resnet"
     model_cfg = {"head": head, "head_args": args, **({"backbones": backbone} if several else {"backbone": backbone})}
     recipe = from_dict({"model": model_cfg, "loss": {"bce": 1.0}, "data": {"image_size": size}})
     model = build_model(backbone, head, len(LABELS), head_args=args)
-    if hasattr(model.head, "set_label_text"):
+    if Capability.LABEL_TEXT in model.head.capabilities:
         model.head.set_label_text(np.random.default_rng(seed).normal(size=(len(LABELS), 16)))
     with torch.no_grad():
         for m in model.modules():
@@ -85,7 +86,6 @@ def exported(tmp_path_factory, fixtures):
 
 @pytest.mark.parametrize("head", HEADS.names())
 def test_parity_every_head(exported, fixtures, head):
-    from cxrlab.inference.onnx_predictor import OnnxPredictor
     from cxrlab.inference.predictor import Predictor
 
     ckpt, onnx_path, sidecar = exported[head]
@@ -93,26 +93,27 @@ def test_parity_every_head(exported, fixtures, head):
     assert parity["n"] == len(fixtures) and parity["batch_sizes"] == [1, len(fixtures)]
     assert 0 <= parity["max_abs_diff"] <= 1e-4
     # independently of the export's own check: the ORT predictor against the checkpoint predictor
-    ort_probs = OnnxPredictor(onnx_path).predict_files(fixtures)
-    torch_probs = Predictor.from_checkpoint(ckpt, device="cpu").predict_files(fixtures, workers=0)
+    ort_probs = Predictor.from_onnx(onnx_path).predict_paths(fixtures)
+    torch_probs = Predictor.from_checkpoint(ckpt, device="cpu").predict_paths(fixtures, workers=0)
     assert ort_probs.shape == (len(fixtures), len(LABELS))
     np.testing.assert_allclose(ort_probs, torch_probs, atol=1e-4, rtol=0)
     assert np.ptp(ort_probs, axis=0).max() > 1e-4  # the images give different answers (not a constant)
 
 
 def test_sidecar_describes_the_model(exported):
-    from cxrlab.inference.onnx_predictor import sha256_file
+    from cxrlab.serialization import sha256_file
 
     ckpt, onnx_path, sidecar = exported["lcl"]
     on_disk = json.loads((onnx_path.parent / "lcl.onnx.json").read_text())
     assert on_disk == sidecar
     assert sidecar["labels"] == list(LABELS) and sidecar["thresholds"] == [0.3, 0.5, 0.6]
     assert "validation" in sidecar["threshold_source"]
-    assert sidecar["image_size"] == 64 and sidecar["resize"] == "pad"
+    assert sidecar["input"]["size"] == 64 and sidecar["input"]["resize"] == "pad"
+    assert sidecar["input"]["decoder"] == "draft2" and sidecar["head"] == "lcl"
     assert sidecar["model_sha256"] == sha256_file(onnx_path)
     ckpt_info = json.loads((ckpt / "checkpoint.json").read_text())
     assert sidecar["weights_sha256"] == ckpt_info["files"]["model.safetensors"]["sha256"]
-    assert sidecar["normalisation"][0]["std"] > 0 and sidecar["normalisation"][0]["where"] == "inside the graph"
+    assert sidecar["input"]["std"][0] > 0 and len(sidecar["input"]["mean"]) == len(sidecar["backbones"]) == 1
     assert "dynamo=False" in sidecar["exporter"]
     assert set(sidecar["outputs"]) == {"probabilities", "logits", "maps"}
 
@@ -152,7 +153,7 @@ def test_mha_fast_path_off_while_exporting():
 def test_temperature_divides_logits_in_the_graph(tmp_path, fixtures):
     from cxrlab.checkpoint import read_info
     from cxrlab.inference.export import export_onnx
-    from cxrlab.inference.onnx_predictor import OnnxPredictor
+    from cxrlab.inference.predictor import Predictor
 
     ckpt = tiny_checkpoint(tmp_path / "ckpt")
     plain = export_onnx(ckpt, tmp_path / "plain.onnx", check=fixtures[:2])
@@ -161,22 +162,21 @@ def test_temperature_divides_logits_in_the_graph(tmp_path, fixtures):
     (ckpt / "checkpoint.json").write_text(json.dumps(info))
     warm = export_onnx(ckpt, tmp_path / "warm.onnx", check=fixtures[:2])
     assert plain["temperature"] is None and warm["temperature"] == [2.0, 1.0, 0.5]
-    fitted = OnnxPredictor(tmp_path / "plain.onnx").fit_size(np.random.default_rng(1).random((80, 70)))[None]
-    a = OnnxPredictor(tmp_path / "plain.onnx").run(fitted)["logits"]
-    b = OnnxPredictor(tmp_path / "warm.onnx").run(fitted)["logits"]
+    fitted = Predictor.from_onnx(tmp_path / "plain.onnx").fit(np.random.default_rng(1).random((80, 70)))[None]
+    a = Predictor.from_onnx(tmp_path / "plain.onnx").backend.outputs(fitted)["logits"]
+    b = Predictor.from_onnx(tmp_path / "warm.onnx").backend.outputs(fitted)["logits"]
     np.testing.assert_allclose(b, a / np.array([2.0, 1.0, 0.5]), rtol=1e-5, atol=1e-6)
 
 
 def test_onnx_predict_csv_equals_checkpoint_csv(exported, fixtures, tmp_path):
-    from cxrlab.inference.onnx_predictor import predict_files as onnx_predict
-    from cxrlab.workflows.predict import predict_files as ckpt_predict
+    from cxrlab.workflows.predict import predict_files
 
     ckpt, onnx_path, _ = exported["linear"]
     broken = tmp_path / "broken.png"
     broken.write_bytes(fixtures[0].read_bytes()[:300])
     inputs = [*fixtures, broken]
-    ckpt_predict(ckpt, inputs, tmp_path / "ckpt.csv")
-    onnx_predict(onnx_path, inputs, tmp_path / "onnx.csv")
+    predict_files(ckpt, inputs, tmp_path / "ckpt.csv")
+    predict_files(onnx_path, inputs, tmp_path / "onnx.csv")
     a, b = pd.read_csv(tmp_path / "ckpt.csv"), pd.read_csv(tmp_path / "onnx.csv")
     assert list(a.columns) == list(b.columns)
     assert list(a.columns)[:1 + 2 * len(LABELS)] == ["path", *LABELS, *(f"{n}_positive" for n in LABELS)]
@@ -194,10 +194,11 @@ class Block:
         if name == "torch" or name.startswith("torch."):
             raise ImportError("torch is blocked in this test")
 sys.meta_path.insert(0, Block())
-from cxrlab.inference.onnx_predictor import OnnxPredictor, predict_files
+from cxrlab.inference.predictor import Predictor
+from cxrlab.workflows.predict import predict_files
 table = predict_files(sys.argv[1], sys.argv[2:], sys.argv[1] + ".csv")
-p = OnnxPredictor(sys.argv[1])
-probs, maps = p.native_heatmaps(p.fit_size(__import__("cxrlab").read_image(sys.argv[2])))
+p = Predictor.load(sys.argv[1])
+probs, maps = p.heatmaps(p.fit(sys.argv[2]), [0, 1, 2])
 assert maps.shape == (3, 64, 64) and 0 <= maps.min() and maps.max() <= 1
 print(len(table), "torch" in sys.modules)
 """
@@ -220,7 +221,7 @@ def _flip_byte(path: Path, offset: int) -> None:
 def test_corrupt_or_mismatched_files_are_named(exported, tmp_path):
     import shutil
 
-    from cxrlab.inference.onnx_predictor import OnnxPredictor
+    from cxrlab.inference.predictor import Predictor
 
     _, onnx_path, _ = exported["linear"]
     model = tmp_path / "m.onnx"
@@ -233,35 +234,33 @@ def test_corrupt_or_mismatched_files_are_named(exported, tmp_path):
     fresh()
     _flip_byte(model, model.stat().st_size // 2)
     with pytest.raises(CxrlabError, match=r"m\.onnx does not match its sidecar"):
-        OnnxPredictor(model)
+        Predictor.from_onnx(model)
     fresh()
     side.write_text(side.read_text()[:50])
     with pytest.raises(CxrlabError, match=r"m\.onnx\.json is corrupt"):
-        OnnxPredictor(model)
+        Predictor.from_onnx(model)
     fresh()
     side.unlink()
     with pytest.raises(CxrlabError, match=r"sidecar missing: .*m\.onnx\.json"):
-        OnnxPredictor(model)
+        Predictor.from_onnx(model)
     fresh()
     meta = json.loads(side.read_text())
     model.write_bytes(b"not an onnx model")  # a corrupt model whose sidecar was made to match
     meta["model_sha256"] = __import__("hashlib").sha256(b"not an onnx model").hexdigest()
     side.write_text(json.dumps(meta))
     with pytest.raises(CxrlabError, match=r"cannot load ONNX model .*m\.onnx"):
-        OnnxPredictor(model)
+        Predictor.from_onnx(model)
 
 
 @pytest.mark.parametrize("head", ["linear", "lcl", "label_query"])
 def test_native_heatmaps_numpy_equal_torch(exported, fixtures, head):
-    from cxrlab.data.images import read_image
     from cxrlab.inference.heatmaps import label_heatmaps
-    from cxrlab.inference.onnx_predictor import OnnxPredictor
     from cxrlab.inference.predictor import Predictor
 
     ckpt, onnx_path, _ = exported[head]
-    ort_predictor = OnnxPredictor(onnx_path)
-    fitted = ort_predictor.fit_size(read_image(fixtures[0]))
-    probs, maps = ort_predictor.native_heatmaps(fitted)
+    ort_predictor = Predictor.from_onnx(onnx_path)
+    fitted = ort_predictor.fit(fixtures[0])
+    probs, maps = ort_predictor.heatmaps(fitted, range(len(LABELS)))
     model = Predictor.from_checkpoint(ckpt, device="cpu").model
     t_probs, t_maps = label_heatmaps(model, torch.from_numpy(fitted).float().div(255)[None, None])
     np.testing.assert_allclose(probs, t_probs[0], atol=1e-4)
@@ -346,7 +345,7 @@ def test_cli_export_then_predict_onnx_without_torch(tmp_path, fixtures):
 def test_write_heatmaps_methods(exported, fixtures, tmp_path):
     from PIL import Image
 
-    from cxrlab.inference.heatmaps import write_heatmaps
+    from cxrlab.workflows.heatmap import write_heatmaps
 
     ckpt = exported["prototype"][0]  # a head without native maps: Grad-CAM still works
     written = write_heatmaps(ckpt, fixtures[:1], tmp_path, labels=["Effusion"], method="gradcam")
@@ -359,11 +358,9 @@ def test_write_heatmaps_methods(exported, fixtures, tmp_path):
 
 
 def test_ensemble_export(exported, fixtures, tmp_path):
-    from cxrlab.data.images import read_image
     from cxrlab.ensemble import build_ensemble
     from cxrlab.inference.export import export_onnx
     from cxrlab.inference.heatmaps import label_heatmaps
-    from cxrlab.inference.onnx_predictor import OnnxPredictor
     from cxrlab.inference.predictor import Predictor
 
     folder = build_ensemble([exported["linear"][0], exported["lcl"][0]], tmp_path / "ens", weights=[1, 3])
@@ -371,10 +368,10 @@ def test_ensemble_export(exported, fixtures, tmp_path):
     assert sidecar["parity"]["max_abs_diff"] <= 1e-4 and sidecar["head"] == "ensemble"
     assert len(sidecar["members"]) == 2 and set(sidecar["outputs"]) == {"probabilities", "logits", "maps"}
     predictor = Predictor.from_checkpoint(folder, device="cpu")
-    ours = OnnxPredictor(tmp_path / "ens.onnx")
-    np.testing.assert_allclose(ours.predict_files(fixtures), predictor.predict_files(fixtures, workers=0), atol=1e-4)
-    fitted = ours.fit_size(read_image(fixtures[2]))
-    probs, maps = ours.native_heatmaps(fitted)
+    ours = Predictor.from_onnx(tmp_path / "ens.onnx")
+    np.testing.assert_allclose(ours.predict_paths(fixtures), predictor.predict_paths(fixtures, workers=0), atol=1e-5)
+    fitted = ours.fit(fixtures[2])
+    probs, maps = ours.heatmaps(fitted, range(len(LABELS)))
     t_probs, t_maps = label_heatmaps(predictor.model, torch.from_numpy(fitted).float().div(255)[None, None])
     np.testing.assert_allclose(probs, t_probs[0], atol=1e-4)
     np.testing.assert_allclose(maps, t_maps[0], atol=1e-4)

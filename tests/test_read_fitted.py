@@ -1,5 +1,5 @@
-"""read_fitted (what prepare stores) against the exact path fit_image(read_image(...)): identical where the
-fast path is exact (8-bit PNG, plain 8-bit DICOM values, windowed DICOM), within images.TOLERANCE where it
+"""preprocess (what prepare stores and every model sees) against the exact path fit_image(read_image(...)):
+identical where the fast path is exact (8-bit PNG, plain 8-bit DICOM values, windowed DICOM), within images.TOLERANCE where it
 decodes JPEG at a reduced DCT scale; same geometry always; errors still name the file."""
 from __future__ import annotations
 
@@ -9,12 +9,18 @@ import pydicom
 import pytest
 from PIL import Image
 
-from cxrlab.data import cache
-from cxrlab.data.cache import fit_image, open_cache, prepare
-from cxrlab.data.images import TOLERANCE, _decode, read_fitted, read_image
+from cxrlab.data import cache, workers
+from cxrlab.data.cache import open_cache, prepare
+from cxrlab.data.images import TOLERANCE, decode, read_image
+from cxrlab.data.preprocess import fit_image, preprocess
 from cxrlab.data.records import Records
 from cxrlab.errors import CxrlabError
 from cxrlab.labels import NIH14
+from cxrlab.model_card import InputSpec
+
+
+def read_fitted(path, size, mode="pad"):
+    return preprocess(InputSpec(size, mode), path)
 
 
 def _diff(path, size=224, mode="pad"):
@@ -47,7 +53,7 @@ def test_8bit_png_is_exact(shared_data):
 @pytest.mark.parametrize("mode", ["pad", "crop"])
 def test_large_jpeg_decodes_at_half_scale_within_tolerance(shared_data, tmp_path, mode):
     path = _big_jpeg(shared_data, tmp_path)
-    image, shape = _decode(path, fit=(224, mode), uint8=True)
+    image, shape = decode(path, fit=(224, mode), uint8=True)
     assert shape == (1024, 1024) and image.shape == (512, 512) and image.dtype == np.uint8  # 1/2 DCT scale
     d, _, _ = _diff(path, mode=mode)
     assert _within_tolerance(d), (d.mean(), d.max())
@@ -56,7 +62,7 @@ def test_large_jpeg_decodes_at_half_scale_within_tolerance(shared_data, tmp_path
 
 def test_small_target_uses_a_deeper_scale_and_stays_within_tolerance(shared_data, tmp_path):
     path = _big_jpeg(shared_data, tmp_path, side=2048, rgb=True)
-    image, shape = _decode(path, fit=(224, "pad"), uint8=True)
+    image, shape = decode(path, fit=(224, "pad"), uint8=True)
     assert shape == (2048, 2048) and image.shape == (512, 512)  # 1/4 DCT scale, luma only
     d, _, _ = _diff(path)
     assert _within_tolerance(d), (d.mean(), d.max())
@@ -64,7 +70,7 @@ def test_small_target_uses_a_deeper_scale_and_stays_within_tolerance(shared_data
 
 def test_no_draft_when_the_image_is_not_large_enough(shared_data, tmp_path):
     path = _big_jpeg(shared_data, tmp_path, side=400)
-    image, _ = _decode(path, fit=(224, "pad"), uint8=True)
+    image, _ = decode(path, fit=(224, "pad"), uint8=True)
     assert image.shape == (400, 400)
     assert _diff(path)[0].max() == 0
 
@@ -86,7 +92,7 @@ def test_exif_rotation_turns_the_full_size_too(shared_data, tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90° clockwise on display
     im.save(tmp_path / "rot.jpg", quality=92, exif=exif)
-    _, shape = _decode(tmp_path / "rot.jpg", fit=(224, "pad"), uint8=True)
+    _, shape = decode(tmp_path / "rot.jpg", fit=(224, "pad"), uint8=True)
     assert shape == (1200, 800)  # H×W as displayed
     d, exact, fast = _diff(tmp_path / "rot.jpg")
     assert d.mean() <= TOLERANCE["mean"]
@@ -135,18 +141,10 @@ def test_prepare_stores_read_fitted_pixels(shared_data, tmp_path):
     images = open_cache(tmp_path / "c")[0]
     for row, path in enumerate(paths):
         np.testing.assert_array_equal(images[row], read_fitted(path, 64))
-    # `cxrlab predict` feeds a model the pixels its training cache held, not the (close) exact decode
-    from cxrlab.workflows.predict import _Tolerant
-
-    files = _Tolerant(paths, 64, "pad")
-    for row in range(len(paths)):
-        image, error = files[row]
-        assert error == ""
-        np.testing.assert_array_equal(image, images[row])
 
 
 def test_default_workers_follow_the_usable_cores(monkeypatch, tmp_path):
-    monkeypatch.setattr(cache.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setattr(workers.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     assert cache.available_cpus() == 16  # no cap at 8: a 16-core machine decodes with 16 processes
     seen = []
 
@@ -158,7 +156,7 @@ def test_default_workers_follow_the_usable_cores(monkeypatch, tmp_path):
             seen.append(workers)
             return self.real(1, n_chunks)  # decode here: the test checks the choice, not the pool
 
-    monkeypatch.setattr(cache, "_executor", Recording(cache._executor))
+    monkeypatch.setattr(cache, "decoding_pool", Recording(cache.decoding_pool))
     from cxrlab.data.synthetic import load_synthetic
 
     prepare(load_synthetic("40,seed=0,size=16"), tmp_path / "s", size=16, progress=False)

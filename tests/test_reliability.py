@@ -253,7 +253,8 @@ def _children(pid: int) -> list[int]:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and /proc are Linux")
 def test_kill_9_of_prepare_leaves_no_orphans_and_the_rerun_finishes(tmp_path):
-    from cxrlab.data.cache import open_cache, pid_alive, prepare
+    from cxrlab.data.cache import open_cache, prepare
+    from cxrlab.data.locking import pid_alive
     from cxrlab.data.synthetic import make_records
 
     out = tmp_path / "cache"

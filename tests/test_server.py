@@ -81,7 +81,7 @@ def png_header_only(width: int, height: int) -> bytes:
 
 
 def test_predict_one_and_several(onnx_server, shared_data, model_files):
-    from cxrlab.inference.onnx_predictor import OnnxPredictor
+    from cxrlab.inference.predictor import Predictor
 
     client, _ = onnx_server
     files = [shared_data / "nih" / "00000001_000.png", shared_data / "covid" / "16747_3_1.jpg",
@@ -93,7 +93,7 @@ def test_predict_one_and_several(onnx_server, shared_data, model_files):
     body = response.json()
     assert body["model"]["format"] == "onnx" and body["model"]["sha256"]
     assert [r["file"] for r in body["results"]] == [f.name for f in files]
-    expected = OnnxPredictor(model_files[1]).predict_files(files)
+    expected = Predictor.from_onnx(model_files[1]).predict_paths(files)
     for result, probs in zip(body["results"], expected):
         assert [e["label"] for e in result["labels"]] == list(LABELS)
         got = np.array([e["probability"] for e in result["labels"]])
@@ -102,6 +102,19 @@ def test_predict_one_and_several(onnx_server, shared_data, model_files):
         np.testing.assert_allclose(thresholds, [0.3, 0.5, 0.6])
         assert [e["positive"] for e in result["labels"]] == list(got >= thresholds)
     assert "not a medical device" in body["disclaimer"]
+
+
+def test_one_unreadable_file_among_several_gets_its_error(onnx_server, shared_data):
+    """The tolerant batch predictor of `cxrlab predict`: the readable files are answered, the other
+    carries its reason (by the name it was uploaded under) and no probabilities."""
+    client, _ = onnx_server
+    data = (shared_data / "nih" / "00000001_000.png").read_bytes()
+    response = client.post("/predict", files=[("files", ("a.png", data)), ("files", ("cut.png", data[:200])),
+                                              ("files", ("b.png", data))])
+    assert response.status_code == 200, response.text
+    a, cut, b = response.json()["results"]
+    assert a["error"] is None and b["error"] is None and a["labels"] == b["labels"]
+    assert cut["labels"] is None and "cut.png" in cut["error"] and "upload-" not in cut["error"]
 
 
 def test_untrained_labels_are_null(onnx_server, shared_data):
@@ -281,21 +294,20 @@ def test_cli_serve_defaults_and_refusal(model_files, tmp_path, capsys):
 
 
 def test_ensemble_checkpoint_backend(tmp_path, shared_data):
-    from cxrlab.data.images import read_image
     from cxrlab.ensemble import build_ensemble
     from cxrlab.inference.predictor import Predictor
-    from cxrlab.inference.server import TorchBackend
+    from cxrlab.inference.server import load_backend
 
     members = [tiny_checkpoint(tmp_path / "a", "linear"), tiny_checkpoint(tmp_path / "b", "prototype", seed=1)]
     folder = build_ensemble(members, tmp_path / "ens")
-    backend = TorchBackend(folder, threads=1)
+    backend = load_backend(folder, threads=1)
     assert backend.identity["head"] == "ensemble"
     assert backend.methods == ("gradcam", "gradcampp")  # the prototype member has no native maps
-    fitted = backend.fit(read_image(shared_data / "nih" / "00000001_000.png"))
-    np.testing.assert_allclose(backend.predict(fitted[None]),
-                               Predictor.from_checkpoint(folder, device="cpu").predict_cached(fitted[None]), atol=1e-6)
-    probs, cam = backend.heatmap(fitted, 1, "gradcam")
-    assert cam.shape == (64, 64) and 0 <= cam.min() and cam.max() <= 1 + 1e-6
+    fitted = backend.fit(shared_data / "nih" / "00000001_000.png")
+    np.testing.assert_allclose(backend.predict_fitted(fitted[None]),
+                               Predictor.from_checkpoint(folder, device="cpu").predict_fitted(fitted[None]), atol=1e-6)
+    probs, cam = backend.heatmaps(fitted, [1], "gradcam")
+    assert cam.shape == (1, 64, 64) and 0 <= cam.min() and cam.max() <= 1 + 1e-6
 
 
 def test_a_failing_request_does_not_take_the_server_down(model_files, shared_data):
@@ -304,15 +316,15 @@ def test_a_failing_request_does_not_take_the_server_down(model_files, shared_dat
     data = (shared_data / "nih" / "00000001_000.png").read_bytes()
     app = create_app(model_files[1], workers=1)
     backend = app.app_state.backend
-    real, calls = backend.predict, []
+    real, calls = backend.predict_fitted, []
 
-    def flaky(fitted):
+    def flaky(fitted, batch_size=32):
         calls.append(1)
         if len(calls) == 2:  # the first request after the start's warm-up inference
             raise RuntimeError("simulated failure inside inference")
-        return real(fitted)
+        return real(fitted, batch_size)
 
-    backend.predict = flaky
+    backend.predict_fitted = flaky
     with running(app) as url, httpx.Client(base_url=url, timeout=30) as c:
         first = c.post("/predict", files={"files": ("a.png", data)})
         assert first.status_code == 500 and "simulated failure" in first.json()["detail"]

@@ -9,8 +9,13 @@ leaves a half-written one):
                        weights, ``ema_rng``, ``rng.<rank>.*`` RNG states as uint8 tensors; its
                        metadata ``structure`` (JSON) describes the optimiser state around those
                        tensors and holds the scheduler / grad-scaler states
-``checkpoint.json``    format and version, the resolved recipe, label names, thresholds, metrics,
-                       epoch, step, trainer state and each safetensors file's size and SHA-256
+``checkpoint.json``    format and version, the model card's fields (:mod:`cxrlab.model_card`: labels,
+                       thresholds and their source, temperature, input spec, backbones, head,
+                       provenance, versions), the resolved recipe, metrics, epoch, step, trainer
+                       state and each safetensors file's size and SHA-256
+
+Inference reads a checkpoint through its card (:func:`read_card`), never through the recipe; a
+checkpoint written before the card existed is read into one from its recipe by the card's codec.
 """
 from __future__ import annotations
 
@@ -20,13 +25,16 @@ import math
 import os
 import random
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from . import __version__
 from .errors import CxrlabError
+from .model_card import ModelCard, card_from_json, card_to_json
 from .serialization import sha256_file, to_jsonable
 
 FORMAT = "cxrlab-checkpoint"
@@ -98,7 +106,8 @@ def _write_folder(folder: Path, tmp: Path, weights, state, structure, info, also
     for name, tensors, meta in ((MODEL_FILE, weights, {"format": FORMAT}),
                                 (STATE_FILE, state, {"format": FORMAT, "structure": json.dumps(_encode(structure))})):
         files[name] = _write_tensors(tmp / name, tensors, meta)
-    info = {"format": FORMAT, "version": VERSION, **info, "files": files}
+    info = {"format": FORMAT, "version": VERSION, **info, **card_to_json(_training_card(info, weights)),
+            "files": files}
     _write_json(tmp / INFO_FILE, info)
     if also is not None:
         also = Path(also)
@@ -113,14 +122,30 @@ def _write_folder(folder: Path, tmp: Path, weights, state, structure, info, also
     _commit(tmp, folder)
 
 
-def set_thresholds(checkpoint: Path, thresholds) -> None:
-    """Record decision thresholds (fitted on validation data) in a checkpoint's JSON."""
+def _training_card(info: dict, weights: dict[str, torch.Tensor]) -> ModelCard:
+    """The card of a checkpoint being written: from its info (the recipe, for a trainer's), with the
+    backbones' input normalisation read from the weights and the versions that wrote it."""
+    card = card_from_json(info, INFO_FILE)
+    stats = {key: [float(v) for k, v in weights.items() if k.startswith("model.") and k.endswith(f".input_{key}")]
+             for key in ("mean", "std")}
+    spec = replace(card.input, mean=tuple(stats["mean"]), std=tuple(stats["std"])) if stats["mean"] else card.input
+    return card.replace(input=spec, versions={**card.versions, "cxrlab": __version__, "torch": torch.__version__})
+
+
+def set_thresholds(checkpoint: Path, thresholds, source: str = "") -> None:
+    """Record decision thresholds (fitted on validation data) in a checkpoint's card."""
     folder = find_checkpoint(checkpoint)
     info = read_info(folder)
-    info["thresholds"] = [float(t) for t in thresholds]
-    if len(info["thresholds"]) != len(info["labels"]):
-        raise CxrlabError(f"{len(info['thresholds'])} thresholds for {len(info['labels'])} labels")
-    _write_json(folder / INFO_FILE, info)
+    card = card_from_json(info, folder / INFO_FILE)
+    card = card.replace(thresholds=tuple(float(t) for t in thresholds),
+                        threshold_source=source or "fitted per label on the training run's validation part")
+    write_card(folder, card, info)
+
+
+def write_card(folder: Path, card: ModelCard, info: dict | None = None) -> None:
+    """Replace the card's fields in ``folder``'s checkpoint.json (atomically)."""
+    info = read_info(folder) if info is None else info
+    _write_json(Path(folder) / INFO_FILE, {**info, **card_to_json(card)})
 
 
 def _write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict) -> dict:
@@ -219,6 +244,13 @@ def read_info(folder: Path) -> dict:
         raise CxrlabError(f"{path}: checkpoint format version {info['version']} is newer than this cxrlab "
                           f"reads ({VERSION}); upgrade cxrlab")
     return info
+
+
+def read_card(checkpoint: Path) -> ModelCard:
+    """The model card of a checkpoint (or run) folder; one from the recipe for a checkpoint older than
+    the card."""
+    folder = find_checkpoint(checkpoint)
+    return card_from_json(read_info(folder), folder / INFO_FILE)
 
 
 def read_tensors(folder: Path, name: str, info: dict, prefix: str | None = None,

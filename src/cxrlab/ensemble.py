@@ -4,14 +4,15 @@ Ge et al. (arXiv:1807.07247, 2018; Multimedia Tools and Applications 79, 2020) r
 trained with different losses are complementary and gain when fused; ``cxrlab ensemble`` builds the
 fusion as a checkpoint every consumer of checkpoints accepts (predict, evaluate, heatmap, export):
 
-``checkpoint.json``  the usual format, with ``kind: ensemble``, the label names, thresholds, the first
-                     member's recipe (its data section: input size and resize) and ``members``: each
-                     member's folder (relative), weight and the SHA-256 of its files
+``checkpoint.json``  the usual format, with ``kind: ensemble``, a model card (the members' common input
+                     spec, the label names, thresholds, every member's backbones, head ``ensemble``)
+                     and ``members``: each member's folder (relative), weight and the SHA-256 of its
+                     files
 ``members/K-NAME/``  each member's ``checkpoint.json`` and weights file, hard-linked (else copied)
 
 :func:`cxrlab.checkpoint.load_model` turns the folder into one :class:`EnsembleModel`:
 ``p = Σ_k w_k sigmoid(logits_k)`` (weights normalised to sum 1), returned as ``logits = logit(p)`` so
-the Output contract holds. Members must take the same input (``data.image_size``, ``data.resize``);
+the Output contract holds. Members must take the same input (their cards' size, resize and decoder);
 their labels are matched by name, and a "No Finding" output that only some members have (added for
 training, e.g. by ``data.add_no_finding``) is left out. The thresholds are the weighted mean of the
 members' (an approximation; refit them on the ensemble with ``cxrlab calibrate``).
@@ -21,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +30,9 @@ import torch
 from torch import nn
 
 from .errors import CxrlabError
+from . import __version__
 from .labels import NO_FINDING
+from .model_card import ModelCard, Training, card_from_json, card_to_json
 from .output import Output
 from .serialization import sha256_file
 
@@ -77,13 +81,13 @@ def build_ensemble(checkpoints: list, out: Path, weights: list[float] | None = N
         if info.get("kind") == KIND:
             raise CxrlabError(f"ensemble: {folder} is itself an ensemble; list its members instead")
     labels = _common_labels(folders, infos)
-    first = infos[0]["recipe"]["data"]
-    for folder, info in zip(folders[1:], infos[1:]):
-        data = info["recipe"]["data"]
-        for key in ("image_size", "resize"):
-            if data.get(key, "pad") != first.get(key, "pad"):
-                raise CxrlabError(f"ensemble: {folder / INFO_FILE} has data.{key} = {data.get(key)!r} but "
-                                  f"{folders[0] / INFO_FILE} has {first.get(key)!r}; members must take the same input")
+    cards = [card_from_json(info, folder / INFO_FILE) for folder, info in zip(folders, infos)]
+    first = cards[0].input
+    for folder, card in zip(folders[1:], cards[1:]):
+        for key in ("size", "resize", "decoder"):
+            if getattr(card.input, key) != getattr(first, key):
+                raise CxrlabError(f"ensemble: {folder / INFO_FILE} has input {key} {getattr(card.input, key)!r} but "
+                                  f"{folders[0] / INFO_FILE} has {getattr(first, key)!r}; members must take the same input")
     out = Path(out)
     if out.exists():
         raise CxrlabError(f"ensemble: {out} already exists; choose a new --out")
@@ -94,7 +98,7 @@ def build_ensemble(checkpoints: list, out: Path, weights: list[float] | None = N
     total = sum(weights)
     try:
         for k, (folder, info, w) in enumerate(zip(folders, infos, weights)):
-            name = f"{k}-{info.get('recipe', {}).get('name', 'model')}".replace(os.sep, "_")
+            name = f"{k}-{cards[k].training.recipe or 'model'}".replace(os.sep, "_")
             target = tmp / MEMBERS_DIR / name
             target.mkdir()
             weights_file = STATE_FILE if info.get("ema") else MODEL_FILE
@@ -104,17 +108,30 @@ def build_ensemble(checkpoints: list, out: Path, weights: list[float] | None = N
                 sums[file] = sha256_file(target / file)
             members.append({"path": f"{MEMBERS_DIR}/{name}", "from": str(folder), "weight": w / total,
                             "sha256": sums})
-            own = np.asarray(info.get("thresholds") or [0.5] * len(info["labels"]), dtype=np.float64)
-            thresholds += w / total * own[[info["labels"].index(n) for n in labels]]
-        ensemble_info = {"format": FORMAT, "version": VERSION, "kind": KIND, "labels": labels,
-                         "thresholds": thresholds.tolist(),
-                         "threshold_source": "weighted mean of the members' thresholds (not refitted)",
-                         "recipe": infos[0]["recipe"], "members": members, "files": {}}
+            own = cards[k].thresholds or [0.5] * len(cards[k].labels)
+            thresholds += w / total * np.asarray(own, np.float64)[[cards[k].labels.index(n) for n in labels]]
+        card = _ensemble_card(cards, labels, thresholds)
+        ensemble_info = {"format": FORMAT, "version": VERSION, "kind": KIND, **card_to_json(card),
+                         "members": members, "files": {}}
         (tmp / INFO_FILE).write_text(json.dumps(ensemble_info, indent=1))
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _ensemble_card(cards: list[ModelCard], labels: list[str], thresholds) -> ModelCard:
+    """One card for the fused model: the members' common input, all their backbones (and normalisation,
+    in member order), head ``ensemble``; scoring follows the first member's training data."""
+    first = cards[0]
+    spec = replace(first.input, mean=tuple(m for c in cards for m in c.input.mean),
+                   std=tuple(v for c in cards for v in c.input.std))
+    training = replace(first.training, recipe="ensemble of " + ", ".join(c.training.recipe or "model" for c in cards),
+                       epochs=None, metrics={})
+    return ModelCard(labels=tuple(labels), input=spec, thresholds=tuple(float(t) for t in thresholds),
+                     threshold_source="weighted mean of the members' thresholds (not refitted)",
+                     backbones=tuple(b for c in cards for b in c.backbones), head=KIND, training=training,
+                     versions={"cxrlab": __version__})
 
 
 def load_ensemble(folder: Path, info: dict) -> EnsembleModel:

@@ -182,28 +182,18 @@ def _compare(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from ..workflows.evaluate import evaluate_checkpoint
+    from ..workflows.evaluate import evaluate_checkpoint  # lazy: start-up time (torch), for every command
 
-    from ..paths import check_output_dir
-
-    check_output_dir(args.out, overwrite=args.overwrite, what="evaluation folder")
-    report = evaluate_checkpoint(args.checkpoint, args.data, args.out, policy=args.policy, split=args.split)
+    report = evaluate_checkpoint(args.checkpoint, args.data, args.out, policy=args.policy, split=args.split,
+                                 overwrite=args.overwrite)
     print(f"report: {report}")
     return 0
 
 
 def _predict(args) -> int:
-    from ..paths import check_output_file
+    from ..workflows.predict import predict_files  # lazy: start-up time; model.onnx never imports torch
 
-    check_output_file(args.out, overwrite=args.overwrite, what="predictions file")
-    if args.checkpoint.suffix.lower() == ".onnx":  # an export: ONNX Runtime only, torch is not imported
-        from .deploy import predict_onnx
-
-        table = predict_onnx(args)
-    else:
-        from ..workflows.predict import predict_files
-
-        table = predict_files(args.checkpoint, args.inputs, args.out, batch_size=args.batch_size)
+    table = predict_files(args.checkpoint, args.inputs, args.out, batch_size=args.batch_size, overwrite=args.overwrite)
     failed = table["error"].fillna("").astype(bool) if "error" in table else table["path"].isna()
     print(f"wrote {len(table)} rows to {args.out}: {int((~failed).sum())} predicted, {int(failed.sum())} "
           "unreadable (see its error column)")
@@ -211,10 +201,8 @@ def _predict(args) -> int:
 
 
 def _heatmap(args) -> int:
-    from ..inference.heatmaps import write_heatmaps
-    from ..paths import writable_dir
+    from ..workflows.heatmap import write_heatmaps  # lazy: start-up time (torch), for every command
 
-    writable_dir(args.out, "heatmap folder")  # PNGs of the same names are redrawn, nothing else is touched
     labels = [n.strip() for n in args.labels.split(",")] if args.labels else None
     written = write_heatmaps(args.checkpoint, args.inputs, args.out, labels=labels, top=args.top,
                              method=args.method)

@@ -38,21 +38,17 @@ def add_deploy_commands(sub) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from ..inference.export import export_onnx
-    from ..inference.onnx_predictor import sidecar_path
-    from ..paths import check_output_file
+    from ..workflows.deploy import export  # lazy: start-up time (torch), for every command
 
-    check_output_file(args.out, overwrite=args.overwrite, what="ONNX file")
-    check_output_file(sidecar_path(args.out), overwrite=args.overwrite, what="ONNX sidecar")
-    sidecar = export_onnx(args.checkpoint, args.out, check=args.check, tolerance=args.tolerance)
+    sidecar = export(args.checkpoint, args.out, check=args.check, tolerance=args.tolerance, overwrite=args.overwrite)
     parity = sidecar["parity"]
-    print(f"wrote {args.out} and {sidecar_path(args.out).name}: parity max |ORT - PyTorch| = {parity['max_abs_diff']:.2e} "
+    print(f"wrote {args.out} and {args.out.name}.json: parity max |ORT - PyTorch| = {parity['max_abs_diff']:.2e} "
           f"on {parity['n']} images (batch 1 and {parity['n']}; tolerance {parity['tolerance']:g})")
     return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from ..inference.server import serve
+    from ..workflows.deploy import serve  # lazy: start-up time (torch), for every command
 
     serve(args.model, host=args.host, port=args.port, workers=args.workers, queue=args.queue,
           timeout=args.timeout, max_upload_mb=args.max_upload_mb)
@@ -60,17 +56,10 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from ..inference.calibrate import calibrate
+    from ..workflows.deploy import calibrate  # lazy: start-up time (torch), for every command
 
     record = calibrate(args.checkpoint, args.data, args.out, temperature=args.temperature, method=args.method,
                        policy=args.policy, split=args.split)
     print(f"wrote {args.out}: thresholds refitted for {len(record['labels_refitted'])} labels on {record['n']} "
           f"images of {record['source']}" + (" (with per-label temperature)" if args.temperature else ""))
     return 0
-
-
-def predict_onnx(args: argparse.Namespace):
-    """``cxrlab predict model.onnx ...``: the ONNX Runtime path (no torch)."""
-    from ..inference.onnx_predictor import predict_files
-
-    return predict_files(args.checkpoint, args.inputs, args.out, batch_size=args.batch_size)

@@ -4,8 +4,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..errors import CxrlabError
-
 
 def add_ensemble_command(sub) -> None:
     p = sub.add_parser("ensemble", help="one checkpoint averaging the probabilities of several (predict, "
@@ -17,14 +15,8 @@ def add_ensemble_command(sub) -> None:
 
 
 def _ensemble(args: argparse.Namespace) -> int:
-    from ..ensemble import build_ensemble
+    from ..workflows.deploy import ensemble  # lazy: start-up time (torch), for every command
 
-    weights = None
-    if args.weights:
-        try:
-            weights = [float(w) for w in args.weights.split(",")]
-        except ValueError:
-            raise CxrlabError(f"--weights {args.weights!r}: expected comma-separated numbers, e.g. 2,1") from None
-    out = build_ensemble(args.checkpoints, args.out, weights)
+    out = ensemble(args.checkpoints, args.out, args.weights)
     print(f"ensemble of {len(args.checkpoints)} models: {out}")
     return 0

@@ -14,9 +14,9 @@ def add_prototypes_command(sub) -> None:
 
 
 def _prototypes(args: argparse.Namespace) -> int:
-    from ..inference.prototypes import write_prototype_report
+    from ..workflows.deploy import prototypes  # lazy: start-up time (torch), for every command
 
-    written = write_prototype_report(args.checkpoint, args.out)
+    written = prototypes(args.checkpoint, args.out)
     print(f"wrote {written['png']}, {written['prototype_csv'].name}, {written['text_csv'].name} "
           f"(off-diagonal r between learned and text cosines: {written['r_offdiagonal']:.3f})")
     return 0

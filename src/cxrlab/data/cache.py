@@ -11,25 +11,19 @@ image once, fits it to ``size``×``size`` and stores it in one raw uint8 file. A
 
 Work happens in ``<out>.partial/`` and is renamed to ``<out>`` only when complete, so a finished cache
 is never half-overwritten; a per-image status file is flushed after every chunk so an interrupted run
-resumes where it stopped. A hidden ``.<out>.lock`` file beside the cache serialises concurrent preparers
-(e.g. several ranks of one job): the second says whom it waits for, waits, and then reuses the first
-one's cache. The lock file records its holder's pid; a lock whose holder is gone (killed, with something
-still holding the file) is taken over with a message. Decoding workers die with the process that
-started them (Linux: ``PR_SET_PDEATHSIG``) and do not keep the lock, so a ``kill -9`` leaves no orphan.
+resumes where it stopped. A lock beside the cache (:mod:`cxrlab.data.locking`) serialises concurrent
+preparers (e.g. several ranks of one job): the second says whom it waits for, waits, and then reuses
+the first one's cache. Images are decoded by :func:`cxrlab.data.preprocess.preprocess`, the path every
+model input takes, in a pool of forked workers (:mod:`cxrlab.data.workers`).
 """
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import json
-import multiprocessing
 import os
 import shutil
-import socket
 import sys
-import time
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,11 +32,15 @@ import pandas as pd
 
 from ..errors import CxrlabError
 from ..labels import LabelSpace
+from ..model_card import RESIZE_MODES, InputSpec
+from .locking import cache_lock
+from .preprocess import preprocess_record
 from .records import Records
+from .workers import available_cpus, completed, decoding_pool
 
 FORMAT = 1
 IMAGES, INDEX, INFO, FAILED, STATUS = "images.u8", "index.csv", "cache.json", "failed.csv", "status.u8"
-MODES = ("pad", "crop")
+MODES = RESIZE_MODES  # prepare --resize
 ON_ERROR = ("skip", "fail")
 PENDING, DONE, BROKEN = 0, 1, 2
 CHUNK_BYTES = 32 * 2**20          # a chunk of images is at most about this many bytes
@@ -76,40 +74,6 @@ class CacheInfo:
                    data["fingerprint"], data["status"])
 
 
-# ------------------------------------------------------------------------------------------ resizing
-
-def fit_image(image: np.ndarray, size: int, mode: str = "pad", shape: tuple[int, int] | None = None) -> np.ndarray:
-    """A float [0, 1] (or uint8) H×W image as uint8 ``size``×``size``, aspect ratio kept.
-
-    ``pad`` (the default) scales the long side to ``size`` and centres the image on black, so nothing
-    of the chest is cut; ``crop`` scales the short side to ``size`` and cuts the centre. Resizing is
-    Pillow's antialiased bilinear filter (no aliasing when shrinking a 3000-px film to 224 px).
-    ``shape``: the full image's H×W when ``image`` is a reduced decode of it (JPEG draft mode); the
-    scaled size and padding then come from it, as for the full image.
-    """
-    from PIL import Image
-
-    if mode not in MODES:
-        raise CxrlabError(f"unknown resize mode {mode!r} (valid: {', '.join(MODES)})")
-    if image.dtype != np.uint8:
-        image = np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
-    h, w = shape or image.shape
-    if (h, w) == (size, size) == image.shape:
-        return np.ascontiguousarray(image)
-    scale = size / (max(h, w) if mode == "pad" else min(h, w))
-    new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
-    resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BILINEAR,
-                                                        reducing_gap=3.0))
-    out = np.zeros((size, size), dtype=np.uint8)
-    if mode == "pad":
-        top, left = (size - new_h) // 2, (size - new_w) // 2
-        out[top:top + new_h, left:left + new_w] = resized
-    else:
-        top, left = (new_h - size) // 2, (new_w - size) // 2
-        out[:] = resized[top:top + size, left:left + size]
-    return out
-
-
 # ------------------------------------------------------------------------------------------ prepare
 
 def fingerprint(records: Records) -> str:
@@ -139,7 +103,7 @@ def prepare(records: Records, out_dir, size: int, mode: str = "pad", workers: in
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
     except OSError as exc:
         raise CxrlabError(f"cache folder {out_dir.parent} is not writable ({exc.strerror or exc})") from None
-    with _lock(out_dir):
+    with cache_lock(out_dir):
         if (out_dir / INFO).is_file():
             return _reuse(out_dir, key, size, mode)
         if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
@@ -159,119 +123,16 @@ def prepare(records: Records, out_dir, size: int, mode: str = "pad", workers: in
 def _check_args(size, mode, on_error, workers) -> None:
     if not isinstance(size, (int, np.integer)) or size < 8:
         raise CxrlabError(f"cache size must be an integer >= 8 pixels, got {size!r}")
-    if mode not in MODES:
-        raise CxrlabError(f"unknown resize mode {mode!r} (valid: {', '.join(MODES)})")
+    if mode not in RESIZE_MODES:
+        raise CxrlabError(f"unknown resize mode {mode!r} (valid: {', '.join(RESIZE_MODES)})")
     if on_error not in ON_ERROR:
         raise CxrlabError(f"on_error must be one of {', '.join(ON_ERROR)}, got {on_error!r}")
     if workers is not None and workers < 1:
         raise CxrlabError(f"workers must be >= 1, got {workers}")
 
 
-# file descriptors of the cache locks this process holds: forked decoding workers close their copies,
-# so that a worker outliving a killed parent cannot keep the lock
-_HELD_LOCKS: set[int] = set()
-LOCK_POLL_S = 0.5
-
-
-@contextlib.contextmanager
-def _lock(out_dir: Path):
-    """An exclusive lock on ``.<out>.lock`` beside the cache (POSIX only; elsewhere concurrent preparers
-    are not guarded), with its holder's ``pid host start-time`` written in it."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
-        yield
-        return
-    path = out_dir.with_name(f".{out_dir.name}.lock")
-    told = False
-    while True:
-        handle = open(path, "a+")  # not "w": that would erase the holder's pid before we know it
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = lock_holder(path)
-            if (holder is not None and holder["host"] == socket.gethostname()
-                    and not pid_alive(holder["pid"], holder["started"])):
-                print(f"prepare: taking over the lock {path}: its holder, process {holder['pid']}, is gone "
-                      "(something it started still held the lock file)", file=sys.stderr)
-                if _same_file(handle, path):  # not one a concurrent taker-over has just made
-                    path.unlink(missing_ok=True)
-                handle.close()
-                continue
-            if not told:
-                who = (f"process {holder['pid']} on {holder['host']} (since {holder['since']})" if holder
-                       else "another process")
-                print(f"prepare: waiting for {who}, which is preparing {out_dir} (lock {path})", file=sys.stderr)
-                told = True
-            handle.close()
-            time.sleep(LOCK_POLL_S)
-            continue
-        if not _same_file(handle, path):  # we locked a file a taker-over unlinked: lock the new one
-            handle.close()
-            continue
-        break
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"{os.getpid()} {socket.gethostname()} {time.strftime('%Y-%m-%dT%H:%M:%S')} "
-                 f"{_start_ticks(os.getpid())}\n")
-    handle.flush()
-    _HELD_LOCKS.add(handle.fileno())
-    try:
-        yield
-    finally:
-        _HELD_LOCKS.discard(handle.fileno())
-        handle.truncate(0)
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        handle.close()
-
-
-def lock_holder(path: Path) -> dict | None:
-    """``{"pid", "host", "since", "started"}`` written in a lock file by its holder, or None (empty,
-    unreadable). ``started``: the holder's start time in clock ticks (Linux), so a reused pid is not
-    mistaken for the holder; None when not recorded."""
-    try:
-        fields = Path(path).read_text().split()
-        started = int(fields[3]) if len(fields) > 3 and fields[3].isdigit() else None
-        return {"pid": int(fields[0]), "host": fields[1], "since": fields[2], "started": started}
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def pid_alive(pid: int, started: int | None = None) -> bool:
-    """Whether a process exists on this machine (a zombie, dead but not yet reaped, counts as gone; so
-    does a process that took over the pid after ``started``, its original's start time)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return True  # no /proc: trust the signal check
-    if stat[0] in ("Z", "X"):
-        return False
-    return started is None or int(stat[19]) == started
-
-
-def _start_ticks(pid: int) -> str:
-    """A process's start time since boot in clock ticks (field 22 of /proc/PID/stat), "" without /proc."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return ""
-
-
-def _same_file(handle, path: Path) -> bool:
-    try:
-        return os.fstat(handle.fileno()).st_ino == os.stat(path).st_ino
-    except FileNotFoundError:
-        return False
-
-
 def _reuse(out_dir: Path, key: str, size: int, mode: str) -> CacheInfo:
-    info = read_info(out_dir)
+    info = read_cache_info(out_dir)
     if (info.fingerprint, info.size, info.mode) != (key, size, mode):
         raise CxrlabError(f"{out_dir} already holds a finished cache of another source or size "
                           f"({info.source}, {info.size}px, {info.mode}); it is kept. Choose another output "
@@ -324,25 +185,12 @@ def _decode_chunk(rows: np.ndarray) -> tuple[np.ndarray, list[tuple[int, str]]]:
     done, errors = [], []
     for row in rows:
         try:
-            images[row] = _read_fitted(job["records"], int(row), job["size"], job["mode"])
+            images[row] = preprocess_record(job["spec"], job["records"], int(row))
             done.append(row)
         except Exception as exc:  # noqa: BLE001 - every reader failure is reported per image
             errors.append((int(row), f"{type(exc).__name__}: {exc}"))
     images.flush()
     return np.asarray(done, dtype=np.int64), errors
-
-
-def _read_fitted(records: Records, row: int, size: int, mode: str) -> np.ndarray:
-    """Row ``row`` fitted to ``size``: files through ``read_fitted`` (reduced JPEG decoding, uint8
-    throughout), a custom reader's array through ``fit_image``."""
-    if records.reader is None:
-        from .images import read_fitted
-
-        return read_fitted(records.meta["path"].iloc[row], size, mode)
-    image = np.asarray(records.read(row))
-    if image.ndim != 2:
-        raise CxrlabError(f"expected a 2-D grayscale image, got shape {image.shape}")
-    return fit_image(image, size, mode)
 
 
 def _build(records: Records, partial: Path, key: str, size: int, mode: str, workers, on_error, progress):
@@ -372,14 +220,14 @@ def _fill(records, partial: Path, images, status, size, mode, workers, on_error,
     chunk = _chunk_size(len(todo), size, workers)
     chunks = [todo[i:i + chunk] for i in range(0, len(todo), chunk)]
     _JOB.clear()
-    _JOB.update(records=records, path=str(partial / IMAGES), shape=images.shape, size=size, mode=mode,
+    _JOB.update(records=records, spec=InputSpec(size, mode), path=str(partial / IMAGES), shape=images.shape,
                 images=images, pid=os.getpid())
     errors: dict[int, str] = {}
     bar = tqdm(total=len(records), initial=len(records) - len(todo), unit="img", disable=not progress,
                desc=f"prepare {records.name} {size}px")
     try:
-        with _executor(workers, len(chunks)) as pool:
-            outcomes = map(_decode_chunk, chunks) if pool is None else _completed(pool, chunks)
+        with decoding_pool(workers, len(chunks)) as pool:
+            outcomes = map(_decode_chunk, chunks) if pool is None else completed(pool, _decode_chunk, chunks)
             for done, failed in outcomes:
                 status[done] = DONE
                 for row, message in failed:
@@ -397,61 +245,10 @@ def _fill(records, partial: Path, images, status, size, mode, workers, on_error,
     return errors
 
 
-def available_cpus() -> int:
-    """The cores this process may run on (its affinity mask: a container's or a job's share, which
-    ``os.cpu_count`` ignores)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - macOS, Windows
-        return os.cpu_count() or 1
-
-
 def _chunk_size(n_todo: int, size: int, workers: int) -> int:
     """Images per chunk: about CHUNK_BYTES, at least 4 chunks per worker (progress, resumability),
     16..256 images."""
     return int(max(16, min(256, CHUNK_BYTES // (size * size), -(-n_todo // (4 * workers)))))
-
-
-def _completed(pool: Executor, chunks):
-    for future in as_completed([pool.submit(_decode_chunk, rows) for rows in chunks]):
-        yield future.result()
-
-
-@contextlib.contextmanager
-def _executor(workers: int, n_chunks: int):
-    """None (decode here) for one worker or one chunk; else forked processes, or threads without fork."""
-    if workers <= 1 or n_chunks <= 1:
-        yield None
-        return
-    workers = min(workers, n_chunks)
-    pool: Executor
-    if "fork" in multiprocessing.get_all_start_methods():
-        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
-                                   initializer=_worker_init, initargs=(os.getpid(),))
-    else:  # pragma: no cover - Windows / macOS defaults
-        pool = ThreadPoolExecutor(workers)
-    try:
-        yield pool
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _worker_init(parent: int) -> None:
-    """In each forked decoding worker: die with the parent (a ``kill -9`` or OOM kill of ``prepare``
-    must not leave orphans), and drop the inherited cache lock so only the parent holds it."""
-    for fd in list(_HELD_LOCKS):
-        with contextlib.suppress(OSError):
-            os.close(fd)
-    _HELD_LOCKS.clear()
-    if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
-
-        PR_SET_PDEATHSIG = 1
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # the parent died before the line above: nobody will be told
-        os._exit(1)
 
 
 def _write_failed(partial: Path, records: Records, errors: dict[int, str]) -> None:
@@ -490,7 +287,7 @@ def _index(records: Records, rows: np.ndarray) -> pd.DataFrame:
 
 # ------------------------------------------------------------------------------------------ opening
 
-def read_info(cache_dir) -> CacheInfo:
+def read_cache_info(cache_dir) -> CacheInfo:
     """``cache.json`` of a finished cache, with errors that say what to do."""
     cache_dir = Path(cache_dir)
     path = cache_dir / INFO
@@ -513,7 +310,7 @@ def open_cache(cache_dir) -> tuple[np.memmap, pd.DataFrame, LabelSpace, CacheInf
     """(images N×size×size read-only memmap, index, label space, info) of a finished cache, checked:
     a truncated ``images.u8`` or an index of the wrong length is an error naming the file."""
     cache_dir = Path(cache_dir)
-    info = read_info(cache_dir)
+    info = read_cache_info(cache_dir)
     path = cache_dir / IMAGES
     expected = info.n * info.size * info.size
     found = path.stat().st_size if path.is_file() else None

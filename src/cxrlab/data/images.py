@@ -1,9 +1,11 @@
-"""Decode one image file (PNG, JPEG, DICOM) into a float32 H×W grayscale array in [0, 1].
+"""Decode one image file (PNG, JPEG, DICOM) into a grey H×W array.
 
-Every model, cache and predictor sees pixels only through ``read_image``, so all the format quirks
-(16-bit PNGs, RGB JPEGs of gray images, MONOCHROME1, rescale and windowing, compressed DICOM) are
-handled once, here. Any failure is a ``CxrlabError`` naming the file: a corrupt image in a 200k-image
-dataset must be findable from the message alone.
+``read_image`` gives the exact float32 image in [0, 1]; :func:`decode` is what the one preprocessing
+path (:func:`cxrlab.data.preprocess.preprocess`, which every cache, model and backend sees) builds on:
+8-bit data stays uint8, and a JPEG may be decoded at a reduced DCT scale. All the format quirks (16-bit
+PNGs, RGB JPEGs of gray images, MONOCHROME1, rescale and windowing, compressed DICOM) are handled once,
+here. Any failure is a ``CxrlabError`` naming the file: a corrupt image in a 200k-image dataset must be
+findable from the message alone.
 """
 from __future__ import annotations
 
@@ -21,36 +23,23 @@ DICOM_SUFFIXES = (".dcm", ".dicom")
 _BITS_16_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 
 
-# ``read_fitted`` decodes a JPEG at a reduced DCT scale (1/2, 1/4, 1/8) that keeps at least this many
-# source pixels per output pixel along the side the fit scales, so the antialiased resize that follows
-# still averages >= 2 pixels. Against the exact path (full decode, then fit) at 224 px the prepared
-# pixels then differ by 0.2-0.4 grey levels on average, <= 1 at the 99th percentile and up to 6 at
-# sharp edges (burnt-in markers) on the real fixtures: TOLERANCE is what tests/test_read_fitted.py
-# enforces and benchmarks/bench_data.py reports.
+# ``decode(path, fit=(size, mode))`` decodes a JPEG at a reduced DCT scale (1/2, 1/4, 1/8) that keeps at
+# least this many source pixels per output pixel along the side the fit scales, so the antialiased
+# resize that follows still averages >= 2 pixels. Against the exact path (full decode, then fit) at
+# 224 px the prepared pixels then differ by 0.2-0.4 grey levels on average, <= 1 at the 99th percentile
+# and up to 6 at sharp edges (burnt-in markers) on the real fixtures: TOLERANCE is what
+# tests/test_read_fitted.py enforces and benchmarks/bench_data.py reports.
 DRAFT_GAP = 2.0
-TOLERANCE = {"mean": 0.5, "p99": 2, "max": 8}  # grey levels (of 255), read_fitted vs the exact path
+TOLERANCE = {"mean": 0.5, "p99": 2, "max": 8}  # grey levels (of 255), preprocess vs the exact path
 
 
 def read_image(path) -> np.ndarray:
-    """The image at ``path`` as float32 H×W in [0, 1] (0 = black, MONOCHROME2 convention)."""
-    return _decode(Path(path))[0]
+    """The image at ``path`` as float32 H×W in [0, 1] (0 = black, MONOCHROME2 convention), decoded in
+    full. Models see files through :func:`cxrlab.data.preprocess.preprocess`, not through this."""
+    return decode(Path(path))[0]
 
 
-def read_fitted(path, size: int, mode: str = "pad") -> np.ndarray:
-    """``cache.fit_image(read_image(path), size, mode)``, faster: what ``prepare`` stores.
-
-    8-bit images stay uint8 (no float round trip; exact), and a JPEG bigger than ``DRAFT_GAP × size``
-    is decoded at a reduced DCT scale (Pillow's draft mode, 4-60× less decoding for 1-3k px films;
-    within ``TOLERANCE`` of the exact path). The output geometry (scaled size, padding) is computed
-    from the file's full size, so it is the exact path's.
-    """
-    from .cache import fit_image
-
-    image, shape = _decode(Path(path), fit=(size, mode), uint8=True)
-    return fit_image(image, size, mode, shape=shape)
-
-
-def _decode(path: Path, fit: tuple[int, str] | None = None, uint8: bool = False):
+def decode(path: Path, fit: tuple[int, str] | None = None, uint8: bool = False):
     """(image, (H, W) of the full image): float32 in [0, 1], or uint8 for 8-bit data when ``uint8``;
     smaller than the full image when ``fit`` allowed a reduced decode."""
     if not path.is_file():

@@ -1,5 +1,5 @@
-"""A labelled source read the way a checkpoint was trained and paired to its labels: what ``evaluate``
-scores and ``calibrate`` refits on."""
+"""A labelled source read the way a model was trained (its card's views, MIMIC labeller, policy and
+input spec) and paired to its labels: what ``evaluate`` scores and ``calibrate`` refits on."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,12 +8,14 @@ import numpy as np
 
 from ..errors import CxrlabError
 from ..labels import LabelSpace, label_pairs
+from ..model_card import InputSpec, ModelCard
+from .preprocess import preprocess_record
 from .records import Records
 
 
 @dataclass
 class ScoringSet:
-    """Images ``records.read(rows[i])`` with ``target``/``mask`` for the report labels ``names``;
+    """Images ``records`` row ``rows[i]`` with ``target``/``mask`` for the report labels ``names``;
     ``outputs[k]`` is the model output scored as ``names[k]``; ``mapped`` says which pairs went through
     the NIH↔CheXpert mapping, ``unscored`` which model labels the source cannot score."""
 
@@ -26,18 +28,19 @@ class ScoringSet:
     mapped: dict
     unscored: list[str]
 
-    def read(self, i: int) -> np.ndarray:
-        return self.records.read(int(self.rows[i]))
+    def fitted(self, spec: InputSpec, i: int) -> np.ndarray:
+        """Image ``i`` as the model's input (the one preprocessing path)."""
+        return preprocess_record(spec, self.records, int(self.rows[i]))
 
 
-def scoring_set(label_names, trained: dict, source: str, split: str = "all",
-                policy: str | None = None) -> ScoringSet:
-    """``trained`` is the checkpoint recipe's ``data`` section: its views and MIMIC labeller are used, and
-    its policy (single-positive training scores against U-Zeros) unless ``policy`` is given."""
+def scoring_set(card: ModelCard, source: str, split: str = "all", policy: str | None = None) -> ScoringSet:
+    """The source read with the views and MIMIC labeller the model was trained on, labelled by its
+    training policy (single-positive training scores against U-Zeros) unless ``policy`` is given."""
     from .policies import apply_policy
     from .sources import parse_source
 
-    records = parse_source(source, views=trained.get("views"), labeller=trained.get("labeller", "chexpert"))
+    label_names, trained = card.labels, card.training
+    records = parse_source(source, views=trained.views, labeller=trained.labeller)
     if split != "all":
         if "split" not in records.meta.columns:
             raise CxrlabError(f"--split {split}: source {source!r} has no official split")
@@ -49,6 +52,6 @@ def scoring_set(label_names, trained: dict, source: str, split: str = "all",
                           "NIH↔CheXpert mapping")
     names = [n for _, _, n in pairs]
     result = apply_policy(records.values[:, [c for _, c, _ in pairs]], LabelSpace("checkpoint", tuple(names)),
-                          policy or trained["policy"].replace("spml", "u_zeros"))
+                          policy or trained.policy.replace("spml", "u_zeros"))
     return ScoringSet(records, result.rows, names, [o for o, _, _ in pairs], result.target, result.mask,
                       mapped, unscored)

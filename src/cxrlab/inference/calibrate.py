@@ -10,22 +10,24 @@ writes a copy of the checkpoint whose ``checkpoint.json`` holds
 * ``temperature`` (with ``--temperature``): per label, ``T_c`` minimising the local binary cross-entropy
   of ``sigmoid(logit / T_c)`` (temperature scaling, Guo et al., "On Calibration of Modern Neural
   Networks", ICML 2017, here per label); thresholds are then fitted on the scaled probabilities.
-  The ONNX export and the server apply it and report scaled probabilities. ``thresholds`` are stored
-  on the unscaled scale (``sigmoid(T·logit(t))``; scaling is monotonic per label), so ``predict`` and
-  ``evaluate``, which do not apply a temperature, make the same decisions; the export and the server
-  convert them back with :func:`scaled_thresholds`;
+  Every backend (checkpoint predict, evaluate, heatmap, the ONNX export, the server) applies it and
+  reports scaled probabilities. ``thresholds`` are stored on the unscaled scale, as every card holds
+  them (``sigmoid(T·logit(t))``; scaling is monotonic per label); the backends decide at
+  :meth:`~cxrlab.model_card.ModelCard.output_thresholds`;
 * ``threshold_source`` (one line) and ``calibration`` (source, split, n, date, method, labels refitted).
+
+The copy's model card is rewritten through the card's codec; nothing else of the checkpoint changes.
 """
 from __future__ import annotations
 
 import datetime as dt
-import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import CxrlabError
+from ..model_card import logit, scaled_thresholds, unscaled_thresholds
 
 
 def fit_temperature(logits: np.ndarray, targets: np.ndarray, bounds: tuple[float, float] = (0.05, 20.0),
@@ -54,29 +56,13 @@ def fit_temperature(logits: np.ndarray, targets: np.ndarray, bounds: tuple[float
     return float(1.0 / a)
 
 
-def _logit(p) -> np.ndarray:
-    p = np.clip(np.asarray(p, dtype=np.float64), 1e-12, 1 - 1e-12)
-    return np.log(p) - np.log1p(-p)
-
-
-def scaled_thresholds(thresholds, temperature) -> np.ndarray:
-    """Thresholds on the unscaled probability scale -> on ``sigmoid(logit / T)``'s (same decisions)."""
-    if temperature is None:
-        return np.asarray(thresholds, dtype=np.float64)
-    return 1 / (1 + np.exp(-_logit(thresholds) / np.asarray(temperature, dtype=np.float64)))
-
-
-def unscaled_thresholds(thresholds, temperature) -> np.ndarray:
-    """The inverse of :func:`scaled_thresholds`."""
-    return 1 / (1 + np.exp(-_logit(thresholds) * np.asarray(temperature, dtype=np.float64)))
-
-
 def calibrate(checkpoint, source: str, out, temperature: bool = False, method: str = "f1",
               policy: str | None = None, split: str = "all") -> dict:
     """Write a calibrated copy of ``checkpoint`` at ``out``; return its ``calibration`` record."""
-    from ..checkpoint import INFO_FILE, find_checkpoint, read_info
+    from ..checkpoint import find_checkpoint, read_card, read_info, write_card
     from ..data.scoring import scoring_set
     from ..metrics import fit_thresholds
+    from .batch import predict_tolerant
     from .predictor import Predictor
 
     folder = find_checkpoint(Path(checkpoint))
@@ -87,17 +73,18 @@ def calibrate(checkpoint, source: str, out, temperature: bool = False, method: s
         raise CxrlabError(f"--out {out} exists; choose a new folder for the calibrated checkpoint")
     # the model's own probabilities: a temperature already recorded is applied below, unless refitted
     predictor = Predictor.from_checkpoint(folder, calibrated=False)
-    info = predictor.info
-    scored = scoring_set(predictor.label_names, info["recipe"]["data"], source, split, policy)
+    card = predictor.card
+    scored = scoring_set(card, source, split, policy)
     rows, outputs = scored.rows, scored.outputs
     if len(rows) == 0:
         raise CxrlabError(f"source {source!r} has no labelled images to calibrate on")
-    probs = predictor.predict_read(scored.read, len(rows))[:, outputs].astype(np.float64)
+    probs = predict_tolerant(predictor, len(rows), lambda i: scored.fitted(card.input, i), strict=True)[0]
+    probs = probs[:, outputs].astype(np.float64)
     known = np.asarray(scored.mask) > 0
     target = np.asarray(scored.target) > 0.5
-    previous = info.get("temperature")
+    previous = read_card(folder).temperature
     temperatures = np.ones(len(predictor.label_names)) if previous is None else np.asarray(previous, np.float64)
-    logits = _logit(probs)
+    logits = logit(probs)
     if temperature:
         for k, o in enumerate(outputs):
             temperatures[o] = fit_temperature(logits[known[:, k], k], target[known[:, k], k])
@@ -117,15 +104,14 @@ def calibrate(checkpoint, source: str, out, temperature: bool = False, method: s
     date = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     record = {"source": source, "split": split, "n": int(len(rows)), "date": date, "method": method,
               "temperature": bool(temperature), "labels_refitted": refitted, "labels_kept": kept,
-              "previous_threshold_source": info.get("threshold_source"), "from_checkpoint": str(folder)}
+              "previous_threshold_source": card.threshold_source, "from_checkpoint": str(folder)}
     shutil.copytree(folder, out)
-    info = read_info(out)
-    stored = unscaled_thresholds(thresholds, temperatures) if (temperature or previous is not None) else thresholds
-    info["thresholds"] = [float(t) for t in stored]
-    info["threshold_source"] = (f"refitted per label ({method}{', after per-label temperature scaling' if temperature else ''}) "
-                                f"on {source} (split {split}, {len(rows)} images) by cxrlab calibrate, {date}")
-    if temperature or previous is not None:
-        info["temperature"] = [float(t) for t in temperatures]
-    info["calibration"] = record
-    (out / INFO_FILE).write_text(json.dumps(info, indent=1))
+    scaled = temperature or previous is not None
+    stored = unscaled_thresholds(thresholds, temperatures) if scaled else thresholds
+    card = card.replace(
+        thresholds=tuple(float(t) for t in stored),
+        threshold_source=(f"refitted per label ({method}{', after per-label temperature scaling' if temperature else ''}) "
+                          f"on {source} (split {split}, {len(rows)} images) by cxrlab calibrate, {date}"),
+        temperature=tuple(float(t) for t in temperatures) if scaled else None)
+    write_card(out, card, {**read_info(out), "calibration": record})
     return record

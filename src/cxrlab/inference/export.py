@@ -12,7 +12,10 @@ graph with a dynamic batch axis. Tracing runs at batch 2 so no size-1 dimension 
 ``nn.MultiheadAttention``'s fused inference fast path switched off (it has no ONNX mapping).
 
 Nothing is written unless ONNX Runtime reproduces eager PyTorch's probabilities on the check images
-within ``tolerance`` (1e-4), at the whole batch and at batch 1.
+within ``tolerance`` (1e-4), at the whole batch and at batch 1. The check images go through the one
+preprocessing path (:func:`cxrlab.data.preprocess.preprocess`) that both backends use when they serve,
+so the figure is the one a user of either sees. The sidecar holds the checkpoint's model card
+(:mod:`cxrlab.model_card`, one codec for both files) with the export's versions added.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import contextlib
 import json
 import os
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +31,9 @@ import torch
 from torch import nn
 
 from ..errors import CxrlabError
-from .onnx_predictor import INPUT_NAME, SIDECAR_FORMAT, SIDECAR_VERSION, sha256_file, sidecar_path
+from ..model_card import InputSpec, card_to_json
+from ..serialization import sha256_file
+from .onnx_backend import INPUT_NAME, SIDECAR_FORMAT, SIDECAR_VERSION, sidecar_path
 
 TOLERANCE = 1e-4
 OPSET = 17
@@ -106,32 +112,21 @@ def _no_mha_fastpath():
         mha.set_fastpath_enabled(previous)
 
 
-def threshold_source(info: dict) -> str:
-    """Where a checkpoint's thresholds came from, in words."""
-    if info.get("threshold_source"):
-        source = info["threshold_source"]
-        return source if isinstance(source, str) else json.dumps(source, sort_keys=True)
-    if info.get("thresholds") is not None:
-        return "fitted per label on the training run's validation part"
-    return "none fitted: 0.5 for every label"
-
-
-def check_images(paths, size: int, resize: str) -> tuple[np.ndarray, list[str]]:
-    """Fitted uint8 images (N×S×S) for the parity check: the given files, or, without any, eight of
-    the embedded synthetic radiographs."""
-    from ..data.cache import fit_image
+def check_images(paths, spec: InputSpec) -> tuple[np.ndarray, list[str]]:
+    """Model inputs (uint8 N×S×S) for the parity check, through the one preprocessing path: the given
+    files, or, without any, eight of the embedded synthetic radiographs."""
+    from ..data.preprocess import preprocess
 
     if paths:
-        from ..data.images import read_image
         from ..data.sources.generic import collect_images
 
         files = collect_images(paths)
-        return np.stack([fit_image(read_image(f), size, resize) for f in files]), [str(f) for f in files]
+        return np.stack([preprocess(spec, f) for f in files]), [str(f) for f in files]
     from ..data.sources import parse_source
 
-    records = parse_source(f"synthetic:8,size={size}")
-    return (np.stack([fit_image(np.asarray(records.read(i)), size, resize) for i in range(len(records))]),
-            [f"synthetic:8,size={size} #{i}" for i in range(len(records))])
+    records = parse_source(f"synthetic:8,size={spec.size}")
+    return (np.stack([preprocess(spec, np.asarray(records.read(i))) for i in range(len(records))]),
+            [f"synthetic:8,size={spec.size} #{i}" for i in range(len(records))])
 
 
 def export_onnx(checkpoint, out, check: list | None = None, tolerance: float = TOLERANCE,
@@ -145,15 +140,17 @@ def export_onnx(checkpoint, out, check: list | None = None, tolerance: float = T
     import onnxruntime as ort
 
     from .. import __version__
-    from .calibrate import scaled_thresholds
-    from ..checkpoint import INFO_FILE, MODEL_FILE, STATE_FILE, find_checkpoint, load_model
+    from ..checkpoint import INFO_FILE, MODEL_FILE, STATE_FILE, find_checkpoint, load_model, read_card
 
     folder = find_checkpoint(Path(checkpoint))
     model, info = load_model(folder)
     model = model.float().eval()
-    data = info["recipe"]["data"]
-    size, resize = int(data["image_size"]), data.get("resize", "pad")
-    temperature = info.get("temperature")
+    card = read_card(folder)
+    if not card.input.mean:  # a checkpoint older than the card: the normalisation its weights hold
+        backbones = _backbones(model)
+        card = card.replace(input=replace(card.input, mean=tuple(float(b.input_mean) for b in backbones),
+                                          std=tuple(float(b.input_std) for b in backbones)))
+    size, temperature = card.input.size, card.temperature
     graph = ExportGraph(model, size, temperature).eval()
     names = ["probabilities", "logits"] + (["maps"] if graph.has_maps else [])
     out = Path(out)
@@ -168,7 +165,7 @@ def export_onnx(checkpoint, out, check: list | None = None, tolerance: float = T
                               input_names=[INPUT_NAME], output_names=names,
                               dynamic_axes={n: {0: "batch"} for n in [INPUT_NAME] + names})
         onnx.checker.check_model(str(tmp))
-        images, image_names = check_images(check, size, resize)
+        images, image_names = check_images(check, card.input)
         parity = _parity(graph, tmp, images, names, tolerance)
         parity["images"] = image_names
         if parity["max_abs_diff"] > tolerance:
@@ -176,34 +173,24 @@ def export_onnx(checkpoint, out, check: list | None = None, tolerance: float = T
                               f"probabilities differ by up to {parity['max_abs_diff']:.2e} (> {tolerance:g}) "
                               f"on {len(images)} images; nothing was written")
         weights_file = STATE_FILE if info.get("ema") else MODEL_FILE
-        m = info["recipe"]["model"]
         weights = {"weights_file": weights_file + (" (EMA weights)" if info.get("ema") else ""),
-                   "weights_sha256": info.get("files", {}).get(weights_file, {}).get("sha256"), "head": m.get("head")}
+                   "weights_sha256": info.get("files", {}).get(weights_file, {}).get("sha256")}
         if info.get("kind") == "ensemble":  # its checkpoint.json lists every member's files and SHA-256
             weights = {"weights_file": f"{len(info['members'])} ensemble members (see members)",
-                       "weights_sha256": None, "head": "ensemble",
+                       "weights_sha256": None,
                        "members": [{"path": e["path"], "weight": e["weight"], "sha256": e["sha256"]}
                                    for e in info["members"]]}
+        versions = {**card.versions, "cxrlab": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
+                    "onnxruntime": ort.__version__}
         sidecar = {
-            "format": SIDECAR_FORMAT, "version": SIDECAR_VERSION, "cxrlab_version": __version__,
+            "format": SIDECAR_FORMAT, "version": SIDECAR_VERSION,
+            **card_to_json(card.replace(versions=versions)),  # thresholds unscaled: the card's convention
             "exporter": f"torch.onnx.export (TorchScript tracer, dynamo=False), opset {opset}",
-            "torch_version": torch.__version__, "onnx_version": onnx.__version__,
-            "onnxruntime_version": ort.__version__,
             "model_file": out.name, "model_sha256": sha256_file(tmp),
             "checkpoint": str(folder), **weights, "checkpoint_json_sha256": sha256_file(folder / INFO_FILE),
-            "backbones": [b.name for b in _backbones(model)],
-            "labels": list(info["labels"]),
-            # the graph applies the temperature: its thresholds are on that scale (same decisions)
-            "thresholds": [float(t) for t in scaled_thresholds(info.get("thresholds") or [0.5] * len(info["labels"]),
-                                                               temperature)],
-            "threshold_source": threshold_source(info),
-            "temperature": None if temperature is None else [float(t) for t in temperature],
-            "image_size": size, "resize": resize,
-            "input": {"name": INPUT_NAME, "shape": ["batch", 1, size, size], "dtype": "float32",
-                      "range": [0.0, 1.0], "from": "grey image fitted to image_size (resize), / 255"},
-            "normalisation": [{"backbone": b.name, "mean": float(getattr(b, "input_mean", torch.tensor(np.nan))),
-                               "std": float(getattr(b, "input_std", torch.tensor(np.nan))),
-                               "where": "inside the graph"} for b in _backbones(model)],
+            "graph_input": {"name": INPUT_NAME, "shape": ["batch", 1, size, size], "dtype": "float32",
+                            "range": [0.0, 1.0], "from": "the model card's input spec (cxrlab.data.preprocess), / 255",
+                            "temperature": "applied inside the graph" if temperature is not None else None},
             "outputs": {"probabilities": "batch×L sigmoid(logits)", "logits": "batch×L",
                         **({"maps": "batch×L×h×w raw per-label maps (attention or CAM)"} if graph.has_maps else {})},
             "parity": parity,

@@ -1,114 +1,152 @@
-"""Probabilities from a trained model for images in memory or on disk.
+"""Probabilities from a trained model, whichever runtime runs it.
 
-``Predictor`` wraps any model that returns an ``Output`` (one built in your own loop, or one loaded from
-a checkpoint) with what inference must know of training: the label names, per-label thresholds and how
-the training cache fitted images to the input size.
+A ``Predictor`` is a model card (:mod:`cxrlab.model_card`: labels, thresholds, temperature, input spec)
+and a backend: :class:`~cxrlab.inference.torch_backend.TorchBackend` for a checkpoint, an ensemble or a
+model of your own loop, :class:`~cxrlab.inference.onnx_backend.OnnxBackend` for an ONNX export (this
+module and that one import no torch). Images reach either through the one preprocessing path
+(:func:`cxrlab.data.preprocess.preprocess`, the pixels the training cache held), so a checkpoint and
+its export give the same probabilities.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch import nn
 
-from ..errors import CxrlabError
+from ..data.preprocess import preprocess
+from ..errors import CxrlabError, unknown
+from ..model_card import InputSpec, ModelCard
+
+METHODS = ("native", "gradcam", "gradcampp")  # heatmaps: the head's own maps, Grad-CAM, Grad-CAM++
 
 
 class Predictor:
-    """``predict(images) -> probabilities`` (N×L numpy) for a model in eval mode.
+    """``predict(images) -> probabilities`` (N×L numpy); decisions at ``thresholds`` (on the scale the
+    backend outputs: a calibrated temperature is applied to both)."""
 
-    ``images`` are float arrays in [0, 1] (or uint8) of any size; they are fitted to ``image_size``
-    the way the prepared cache fitted the training images (``resize`` pad or crop). A per-label
-    ``temperature`` (from ``cxrlab calibrate``) divides the logits, as the ONNX export and the server do.
-    """
+    def __init__(self, backend, card: ModelCard):
+        self.backend, self.card = backend, card
+        self.label_names = list(card.labels)
+        self.thresholds = card.output_thresholds()
 
-    def __init__(self, model: nn.Module, label_names, thresholds=None, image_size: int = 224,
-                 resize: str = "pad", device: str | None = None, info: dict | None = None, temperature=None):
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = model.to(self.device).eval()
-        self.label_names = list(label_names)
-        self.thresholds = np.asarray(thresholds if thresholds is not None else [0.5] * len(self.label_names),
-                                     dtype=np.float64)
-        if self.thresholds.shape != (len(self.label_names),):
-            raise CxrlabError(f"{len(self.label_names)} labels but {self.thresholds.size} thresholds")
-        self.image_size = int(image_size)
-        self.resize = resize
-        self.info = info or {}
-        self.temperature = None if temperature is None else torch.as_tensor(temperature, dtype=torch.float32)
+    # ------------------------------------------------------------------------------------ loading
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: Path, device: str | None = None, calibrated: bool = True) -> "Predictor":
-        """The model of a checkpoint folder (or a run folder: its best checkpoint) with its thresholds;
+    def load(cls, path, device: str | None = None, threads: int | None = None) -> "Predictor":
+        """``*.onnx`` through ONNX Runtime (no torch), anything else as a checkpoint (or run) folder."""
+        if Path(path).suffix.lower() == ".onnx":
+            return cls.from_onnx(path, threads)
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        return cls.from_checkpoint(path, device=device)
+
+    @classmethod
+    def from_onnx(cls, path, threads: int | None = None) -> "Predictor":
+        from .onnx_backend import OnnxBackend
+
+        backend = OnnxBackend(path, threads)
+        return cls(backend, backend.card)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint, device: str | None = None, calibrated: bool = True) -> "Predictor":
+        """The model of a checkpoint folder (or a run folder: its best checkpoint) with its card;
         ``calibrated=False`` leaves out a temperature from ``cxrlab calibrate`` (to refit it)."""
-        from ..checkpoint import load_model
+        from ..checkpoint import INFO_FILE, MODEL_FILE, STATE_FILE, find_checkpoint, load_model, read_card
+        from ..serialization import sha256_file
+        from .torch_backend import TorchBackend
 
-        from .calibrate import scaled_thresholds
+        folder = find_checkpoint(Path(checkpoint))
+        model, info = load_model(folder)
+        card = read_card(folder)
+        if not calibrated:
+            card = card.replace(temperature=None)
+        backend = TorchBackend(model, card.input.size, device, card.temperature)
+        weights = info.get("files", {}).get(STATE_FILE if info.get("ema") else MODEL_FILE, {})
+        backend.identity = {"file": folder.name, "format": "checkpoint", "sha256": sha256_file(folder / INFO_FILE),
+                            "weights_sha256": weights.get("sha256"), "head": card.head,
+                            "backbones": list(card.backbones)}
+        return cls(backend, card)
 
-        model, info = load_model(Path(checkpoint))
-        data = info["recipe"]["data"]
-        temperature = info.get("temperature") if calibrated else None
-        thresholds = info.get("thresholds")
-        if temperature is not None and thresholds is not None:  # stored unscaled: see inference/calibrate.py
-            thresholds = scaled_thresholds(thresholds, temperature)
-        return cls(model, info["labels"], thresholds, image_size=int(data["image_size"]),
-                   resize=data.get("resize", "pad"), device=device, info=info, temperature=temperature)
+    @classmethod
+    def from_model(cls, model, label_names, thresholds=None, image_size: int = 224, resize: str = "pad",
+                   device: str | None = None, temperature=None) -> "Predictor":
+        """A model of your own loop (any ``nn.Module`` returning an ``Output``), fed as the prepared cache
+        fed it: images fitted to ``image_size`` by ``resize``."""
+        from .torch_backend import TorchBackend
 
-    def fit_size(self, image: np.ndarray) -> np.ndarray:
-        from ..data.cache import fit_image
+        card = ModelCard(labels=tuple(label_names), input=InputSpec(int(image_size), resize),
+                         thresholds=None if thresholds is None else tuple(float(t) for t in thresholds),
+                         temperature=None if temperature is None else tuple(float(t) for t in temperature))
+        return cls(TorchBackend(model, card.input.size, device, card.temperature), card)
 
-        return fit_image(image, self.image_size, self.resize)
+    # ------------------------------------------------------------------------------------ what it is
+
+    @property
+    def spec(self) -> InputSpec:
+        return self.card.input
+
+    @property
+    def image_size(self) -> int:
+        return self.card.input.size
+
+    @property
+    def model(self):
+        """The torch module (checkpoint and in-loop predictors only)."""
+        if not hasattr(self.backend, "model"):
+            raise CxrlabError(f"{self.backend.runtime} runs an exported graph: it has no torch model")
+        return self.backend.model
+
+    @property
+    def device(self):
+        return getattr(self.backend, "device", "cpu")
+
+    @property
+    def threshold_source(self) -> str:
+        return self.card.threshold_source
+
+    @property
+    def identity(self) -> dict:
+        return self.backend.identity
+
+    @property
+    def runtime(self) -> str:
+        return self.backend.runtime
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The heatmap methods this backend draws (native, gradcam, gradcampp)."""
+        return self.backend.methods
+
+    # ------------------------------------------------------------------------------------ predicting
+
+    def fit(self, source) -> np.ndarray:
+        """A file or an in-memory image as this model's uint8 input (the one preprocessing path)."""
+        return preprocess(self.card.input, source)
+
+    def predict_fitted(self, fitted: np.ndarray, batch_size: int = 32) -> np.ndarray:
+        """Probabilities for uint8 images already at the input size (N×S×S, e.g. a prepared cache's)."""
+        out = [self.backend.probabilities(fitted[s:s + batch_size]) for s in range(0, len(fitted), batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, len(self.label_names)), dtype=np.float32)
 
     def predict(self, images: list[np.ndarray], batch_size: int = 32) -> np.ndarray:
         """Probabilities for in-memory images (float [0, 1] or uint8, any size)."""
-        return self._predict_batches(
-            np.stack([self.fit_size(im) for im in images[start:start + batch_size]])
-            for start in range(0, len(images), batch_size))
+        if not len(images):
+            return self.predict_fitted(np.zeros((0, self.image_size, self.image_size), np.uint8))
+        return self.predict_fitted(np.stack([self.fit(im) for im in images]), batch_size)
 
-    def predict_files(self, paths: list[Path], batch_size: int = 32, workers: int | None = None) -> np.ndarray:
-        """Probabilities for image files (PNG, JPEG, DICOM)."""
-        from ..data.images import read_image
+    def predict_paths(self, paths, batch_size: int = 32, workers: int | None = None) -> np.ndarray:
+        """Probabilities for image files (PNG, JPEG, DICOM); an unreadable one is an error naming it
+        (:func:`cxrlab.inference.batch.predict_tolerant` keeps going past it instead)."""
+        from .batch import predict_tolerant
 
         paths = list(paths)
-        return self.predict_read(lambda i: read_image(paths[i]), len(paths), batch_size, workers)
+        return predict_tolerant(self, len(paths), lambda i: self.fit(paths[i]), batch_size, workers,
+                                strict=True)[0]
 
-    def predict_read(self, read, n: int, batch_size: int = 32, workers: int | None = None) -> np.ndarray:
-        """Probabilities for images ``read(0) .. read(n-1)``, decoded and resized in ``workers`` processes
-        batch by batch: memory holds one batch of full-size images at a time, however many there are."""
-        from torch.utils.data import DataLoader
-
-        workers = min(4, os.cpu_count() or 1) if workers is None else workers
-        loader = DataLoader(_Fitted(read, n, self.image_size, self.resize), batch_size=batch_size,
-                            num_workers=workers if n > batch_size else 0)
-        return self._predict_batches(batch.numpy() for batch in loader)
-
-    def predict_cached(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
-        """Probabilities for images already at the input size (uint8 N×S×S, e.g. rows of a prepared cache)."""
-        return self._predict_batches(images[start:start + batch_size] for start in range(0, len(images), batch_size))
-
-    @torch.no_grad()
-    def _predict_batches(self, batches) -> np.ndarray:
-        out = []
-        for chunk in batches:
-            x = torch.as_tensor(np.asarray(chunk)).float().div_(255.0).unsqueeze(1).to(self.device)
-            logits = self.model(x).logits.float()
-            if self.temperature is not None:
-                logits = logits / self.temperature.to(logits.device)
-            out.append(torch.sigmoid(logits).cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, len(self.label_names)), dtype=np.float32)
-
-
-class _Fitted(torch.utils.data.Dataset):
-    """Images ``read(i)`` fitted to the model's input size (uint8)."""
-
-    def __init__(self, read, n: int, size: int, mode: str):
-        self.read, self.n, self.size, self.mode = read, n, size, mode
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        from ..data.cache import fit_image
-
-        return fit_image(self.read(i), self.size, self.mode)
+    def heatmaps(self, fitted: np.ndarray, labels: list[int], method: str = "native"):
+        """(probabilities L, heatmaps K×S×S in [0, 1]) of one fitted image for the label indices asked."""
+        if method not in METHODS:
+            raise unknown("heatmap method", method, METHODS)
+        return self.backend.heatmaps(fitted, list(labels), method)  # it says why a method does not apply

@@ -18,14 +18,16 @@ def prototype_similarities(checkpoint: Path) -> dict:
     "r_offdiagonal" (Pearson r of their off-diagonal entries), "kappa", "text_encoder"}``."""
     import torch
 
-    from ..checkpoint import load_model
+    from ..checkpoint import load_model, read_card
+    from ..models import CxrModel
     from ..models.heads.prototype import PrototypeHead
     from ..models.text import cosine_matrix
 
     model, info = load_model(Path(checkpoint))
-    head = getattr(model, "head", None)
+    card = read_card(Path(checkpoint))
+    head = model.head if isinstance(model, CxrModel) else None  # an ensemble has no one head
     if not isinstance(head, PrototypeHead):
-        used = info.get("recipe", {}).get("model", {}).get("head")
+        used = card.head
         raise CxrlabError(f"checkpoint {checkpoint} has head {used!r}: `cxrlab prototypes` needs one trained "
                           "with model.head=prototype")
     with torch.no_grad():
@@ -35,7 +37,7 @@ def prototype_similarities(checkpoint: Path) -> dict:
     off = ~np.eye(len(q), dtype=bool)
     a, b = learned[off], given[off]
     r = float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else float("nan")
-    return {"labels": list(info["labels"]), "prototypes": learned, "text": given, "r_offdiagonal": r,
+    return {"labels": list(card.labels), "prototypes": learned, "text": given, "r_offdiagonal": r,
             "kappa": float(head.kappa.detach()), "text_encoder": info.get("label_text")}
 
 

@@ -15,7 +15,10 @@ Design:
   parsing (413); uploads are identified by content (415 for anything but PNG, JPEG, DICOM), their
   declared size is checked before decoding (422 for decompression bombs), and they only ever touch
   a temporary folder of the server's own, emptied after each request;
-* labels asked for (``?labels=``) that the model was not trained on come back as ``null``.
+* labels asked for (``?labels=``) that the model was not trained on come back as ``null``;
+* images go through the one preprocessing path and the tolerant batch predictor of ``cxrlab predict``:
+  one unreadable file among several gets its ``error`` (and null probabilities), the others their
+  answers; a request whose every file is refused gets that refusal's status (415, 422).
 """
 # no "from __future__ import annotations": FastAPI reads the endpoint annotations at runtime
 
@@ -33,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CxrlabError, unknown
-from .uploads import MAX_PIXELS, UploadError, decode_upload
+from .uploads import MAX_PIXELS, decode_upload
 
 MAX_UPLOAD_BYTES = 50 * 2**20
 STATIC = Path(__file__).with_name("static")
@@ -42,100 +45,12 @@ DISCLAIMER = "Research tool, not a medical device: not for diagnosis or treatmen
 
 # ------------------------------------------------------------------------------------------- model
 
-class OnnxBackend:
-    """An ONNX export through ONNX Runtime (no torch); native heatmaps only."""
-
-    methods = ("native",)
-
-    def __init__(self, path: Path, threads: int | None):
-        from .onnx_predictor import OnnxPredictor
-
-        self.predictor = OnnxPredictor(path, threads=threads)
-        p = self.predictor
-        self.label_names, self.thresholds, self.threshold_source = p.label_names, p.thresholds, p.threshold_source
-        self.image_size, self.identity = p.image_size, p.identity
-        if not p.has_maps:
-            self.methods = ()
-        import onnxruntime
-
-        self.runtime = f"onnxruntime {onnxruntime.__version__}"
-
-    def fit(self, image: np.ndarray) -> np.ndarray:
-        return self.predictor.fit_size(image)
-
-    def predict(self, fitted: np.ndarray) -> np.ndarray:
-        return self.predictor.predict_fitted(fitted)
-
-    def heatmap(self, fitted: np.ndarray, label: int, method: str) -> tuple[np.ndarray, np.ndarray]:
-        probs, maps = self.predictor.native_heatmaps(fitted)
-        return probs, maps[label]
-
-
-class TorchBackend:
-    """A checkpoint through PyTorch: native heatmaps and Grad-CAM / Grad-CAM++ (one at a time: they
-    hook the model)."""
-
-    def __init__(self, path: Path, threads: int | None):
-        import torch
-
-        from .export import threshold_source
-        from .onnx_predictor import sha256_file
-        from .predictor import Predictor
-
-        if threads:
-            torch.set_num_threads(threads)
-        self.torch = torch
-        self.predictor = Predictor.from_checkpoint(path, device="cpu")
-        p, info = self.predictor, self.predictor.info
-        # the Predictor applies a calibrated temperature and scales the thresholds with it
-        self.label_names, self.thresholds = p.label_names, p.thresholds
-        self.threshold_source = threshold_source(info)
-        self.image_size = p.image_size
-        from ..checkpoint import INFO_FILE, MODEL_FILE, STATE_FILE, find_checkpoint
-
-        folder = find_checkpoint(path)
-        model = info["recipe"]["model"]
-        weights = info.get("files", {}).get(STATE_FILE if info.get("ema") else MODEL_FILE, {})
-        self.identity = {"file": folder.name, "format": "checkpoint", "sha256": sha256_file(folder / INFO_FILE),
-                         "weights_sha256": weights.get("sha256"),
-                         "head": model.get("head"), "backbones": model.get("backbones") or [model.get("backbone")]}
-        self.runtime = f"torch {torch.__version__}"
-        self._cam_lock = threading.Lock()
-        from .heatmaps import label_heatmaps
-
-        try:  # native maps for this head (or every member of an ensemble)?
-            label_heatmaps(p.model, torch.zeros(1, 1, self.image_size, self.image_size))
-            has_native = True
-        except CxrlabError:
-            has_native = False
-        if info.get("kind") == "ensemble":
-            self.identity["head"] = "ensemble"
-        self.methods = (("native",) if has_native else ()) + ("gradcam", "gradcampp")
-
-    def fit(self, image: np.ndarray) -> np.ndarray:
-        return self.predictor.fit_size(image)
-
-    def predict(self, fitted: np.ndarray) -> np.ndarray:
-        return self.predictor.predict_cached(fitted)
-
-    def heatmap(self, fitted: np.ndarray, label: int, method: str) -> tuple[np.ndarray, np.ndarray]:
-        from .heatmaps import gradcam_maps, label_heatmaps
-
-        x = self.torch.from_numpy(fitted).float().div_(255.0)[None, None]
-        if method == "native":
-            _, maps = label_heatmaps(self.predictor.model, x)
-            return self.predict(fitted[None])[0], maps[0, label]
-        with self._cam_lock:
-            cam = gradcam_maps(self.predictor.model, x, [label], method)[0]
-        return self.predict(fitted[None])[0], cam
-
-
 def load_backend(path, threads: int | None = None):
-    """The model behind the server: ``*.onnx`` through ONNX Runtime, anything else as a checkpoint."""
-    path = Path(path)
-    if path.suffix.lower() == ".onnx":
-        return OnnxBackend(path, threads)
-    return TorchBackend(path, threads)
+    """The model behind the server: a :class:`~cxrlab.inference.predictor.Predictor` (``*.onnx`` through
+    ONNX Runtime, anything else as a checkpoint) on the CPU."""
+    from .predictor import Predictor
+
+    return Predictor.load(path, device="cpu", threads=threads)
 
 
 # ------------------------------------------------------------------------------------- middleware
@@ -264,7 +179,7 @@ def create_app(model_path, workers: int = 2, queue: int = 8, timeout: float = 30
     @asynccontextmanager
     async def lifespan(app):
         # one warm-up inference: ready means the model answers
-        await pool.run(backend.predict, np.zeros((1, backend.image_size, backend.image_size), np.uint8))
+        await pool.run(backend.predict_fitted, np.zeros((1, backend.image_size, backend.image_size), np.uint8))
         state["ready"] = True
         yield
         state["ready"] = False
@@ -291,18 +206,23 @@ def create_app(model_path, workers: int = 2, queue: int = 8, timeout: float = 30
     def decode(data: bytes, name: str) -> np.ndarray:
         if delay:
             time.sleep(delay)
-        return backend.fit(decode_upload(data, name, max_pixels, tmp_root))
+        return decode_upload(data, name, backend.spec, max_pixels, tmp_root)
 
-    def predict_job(uploads: list[tuple[str, bytes]]) -> np.ndarray:
-        fitted = np.stack([decode(data, name) for name, data in uploads])
-        return backend.predict(fitted)
+    def predict_job(uploads: list[tuple[str, bytes]]):
+        from .batch import predict_tolerant
+
+        probs, failures = predict_tolerant(backend, len(uploads), lambda i: decode(uploads[i][1], uploads[i][0]),
+                                           workers=0)
+        if all(exc is not None for exc in failures):
+            raise failures[0]
+        return probs, failures
 
     def heatmap_job(name: str, data: bytes, label: int, method: str) -> tuple[float, bytes]:
         from .overlay import overlay_png
 
         fitted = decode(data, name)
-        probs, heat = backend.heatmap(fitted, label, method)
-        return float(probs[label]), overlay_png(fitted, heat)
+        probs, heat = backend.heatmaps(fitted, [label], method)
+        return float(probs[label]), overlay_png(fitted, heat[0])
 
     def label_index(label: str) -> int:
         if label not in backend.label_names:
@@ -319,10 +239,13 @@ def create_app(model_path, workers: int = 2, queue: int = 8, timeout: float = 30
                       labels: str | None = Query(None, description="comma-separated labels to report "
                                                  "(default: the model's); untrained ones come back null")):
         uploads = await read(files)
-        probs = await pool.run(predict_job, uploads)
+        probs, failures = await pool.run(predict_job, uploads)
         wanted = [n.strip() for n in labels.split(",") if n.strip()] if labels else backend.label_names
         results = []
-        for (name, _), row in zip(uploads, probs):
+        for (name, _), row, exc in zip(uploads, probs, failures):
+            if exc is not None:
+                results.append({"file": name, "labels": None, "error": str(exc)})
+                continue
             entries = []
             for label in wanted:
                 if label in backend.label_names:
@@ -333,7 +256,7 @@ def create_app(model_path, workers: int = 2, queue: int = 8, timeout: float = 30
                 else:
                     entries.append({"label": label, "probability": None, "threshold": None, "positive": None,
                                     "trained": False})
-            results.append({"file": name, "labels": entries})
+            results.append({"file": name, "labels": entries, "error": None})
         return {"model": backend.identity, "threshold_source": backend.threshold_source, "results": results,
                 "disclaimer": DISCLAIMER}
 

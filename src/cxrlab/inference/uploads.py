@@ -1,8 +1,8 @@
-"""Uploaded image bytes -> a grey image, refusing what is not a PNG, JPEG or DICOM, and images whose
+"""Uploaded image bytes -> the model's input, refusing what is not a PNG, JPEG or DICOM, and images whose
 declared size is a decompression bomb, before any pixel is decoded.
 
-Decoding goes through :func:`cxrlab.data.images.read_image` (the one reader every model sees), from a
-file in a temporary folder that is removed when the call returns.
+An accepted upload is written to a temporary folder (removed when the call returns) and goes through
+:func:`cxrlab.data.preprocess.preprocess`, the path the training cache and every backend use.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CxrlabError
+from ..model_card import InputSpec
 
 MAX_PIXELS = 64_000_000  # 8000×8000: above any radiograph (about 4k×4k at most)
 SUFFIX = {"png": ".png", "jpeg": ".jpg", "dicom": ".dcm"}
@@ -55,9 +56,10 @@ def declared_size(data: bytes, kind: str, name: str) -> tuple[int, int, int]:
         raise UploadError(422, f"{name}: cannot read the {kind.upper()} header: {type(exc).__name__}: {exc}") from None
 
 
-def decode_upload(data: bytes, name: str, max_pixels: int = MAX_PIXELS, tmp_root=None) -> np.ndarray:
-    """The uploaded file as float32 H×W in [0, 1]; an :class:`UploadError` naming ``name`` otherwise."""
-    from ..data.images import read_image
+def decode_upload(data: bytes, name: str, spec: InputSpec, max_pixels: int = MAX_PIXELS, tmp_root=None) -> np.ndarray:
+    """The uploaded file as the uint8 input ``spec`` describes; an :class:`UploadError` naming ``name``
+    otherwise."""
+    from ..data.preprocess import preprocess
 
     kind = sniff(data)
     if kind is None:
@@ -73,6 +75,6 @@ def decode_upload(data: bytes, name: str, max_pixels: int = MAX_PIXELS, tmp_root
         path = Path(folder) / f"image{SUFFIX[kind]}"
         path.write_bytes(data)
         try:
-            return read_image(path)
+            return preprocess(spec, path)
         except CxrlabError as exc:
             raise UploadError(422, str(exc).replace(str(path), name)) from None

@@ -1,6 +1,6 @@
 """``cxrlab evaluate``: score a checkpoint on a labelled source at its own thresholds, and write a report.
 
-The source is read as the model was trained (the recipe's views and MIMIC labeller). Labels are matched
+The source is read as the model was trained (its model card's views, MIMIC labeller and input spec). Labels are matched
 by name; where the vocabularies differ (a NIH model on CheXpert, or the reverse) the explicit mapping
 of :data:`cxrlab.labels.NIH_TO_CHEXPERT` pairs them (:mod:`cxrlab.data.scoring`), and the report says which labels were mapped and which could not be scored.
 """
@@ -8,27 +8,34 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..data.scoring import scoring_set
+from ..evaluation.report import write_report
+from ..inference.batch import predict_tolerant
+from ..inference.predictor import Predictor
+from ..metrics import multilabel_report
+from ..model_card import card_to_json
+from ..paths import check_output_dir
+
 
 def evaluate_checkpoint(checkpoint: Path, source: str, out_dir: Path, policy: str | None = None,
-                        split: str = "all") -> Path:
-    """Score a checkpoint on a labelled source (at the checkpoint's thresholds) and write a report."""
-    from ..data.scoring import scoring_set
-    from ..evaluation.report import write_report
-    from ..inference.predictor import Predictor
-    from ..metrics import multilabel_report
-
-    predictor = Predictor.from_checkpoint(checkpoint)
-    scored = scoring_set(predictor.label_names, predictor.info["recipe"]["data"], source, split, policy)
-    probs = predictor.predict_read(scored.read, len(scored.rows))[:, scored.outputs]
-    evaluation = predictor.info["recipe"].get("eval", {})  # the training recipe's reliability floor
+                        split: str = "all", overwrite: bool = True) -> Path:
+    """Score a checkpoint (or an ONNX export) on a labelled source at its card's thresholds and write a
+    report (an existing ``out_dir`` is refused unless ``overwrite``); an image that cannot be read is an
+    error naming it."""
+    check_output_dir(out_dir, overwrite=overwrite, what="evaluation folder")
+    predictor = Predictor.load(checkpoint)
+    card = predictor.card
+    scored = scoring_set(card, source, split, policy)
+    probs = predict_tolerant(predictor, len(scored.rows), lambda i: scored.fitted(card.input, i), strict=True)[0]
+    probs = probs[:, scored.outputs]
     metrics = multilabel_report(probs, scored.target, scored.mask, scored.names,
                                 thresholds=predictor.thresholds[scored.outputs],
-                                min_positives=evaluation.get("min_positives", 10),
-                                exclude_unreliable=evaluation.get("exclude_unreliable", False))
-    metrics["threshold_source"] = "the checkpoint's (fitted on its training run's validation part)"
+                                min_positives=card.training.min_positives,  # the training report's floor
+                                exclude_unreliable=card.training.exclude_unreliable)
+    metrics["threshold_source"] = f"the model's: {card.threshold_source}"
     if scored.mapped:
         metrics["label_mapping"] = scored.mapped
     if scored.unscored:
         metrics["unscored_labels"] = scored.unscored
     return write_report(Path(out_dir), metrics, probs, scored.target, scored.mask, scored.names,
-                        config=predictor.info["recipe"])
+                        config={"name": card.training.recipe or "evaluation", "model_card": card_to_json(card)})

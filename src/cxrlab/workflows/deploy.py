@@ -1,0 +1,52 @@
+"""What the commands that use a trained model outside training do: ``export``, ``serve``, ``calibrate``,
+``ensemble`` and ``prototypes``; each checks where its output goes before any work."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import CxrlabError
+from ..paths import check_output_file
+
+
+def export(model: Path, out: Path, check=None, tolerance: float = 1e-4, overwrite: bool = True) -> dict:
+    """``model.onnx`` + its sidecar from a checkpoint, refused (nothing written) unless ONNX Runtime
+    matches PyTorch within ``tolerance``; returns the sidecar."""
+    from ..inference.export import export_onnx  # lazy: torch and onnx, for this command only
+    from ..inference.onnx_backend import sidecar_path
+
+    check_output_file(out, overwrite=overwrite, what="ONNX file")
+    check_output_file(sidecar_path(out), overwrite=overwrite, what="ONNX sidecar")
+    return export_onnx(model, out, check=check, tolerance=tolerance)
+
+
+def serve(model: Path, **options) -> None:
+    """Serve a checkpoint or an ONNX export over HTTP until interrupted (options: see ``server.serve``)."""
+    from ..inference.server import serve as run_server  # lazy: fastapi and uvicorn, for this command only
+
+    run_server(model, **options)
+
+
+def calibrate(model: Path, data: str, out: Path, temperature: bool = False, method: str = "f1",
+              policy: str | None = None, split: str = "all") -> dict:
+    from ..inference.calibrate import calibrate as run_calibrate  # lazy: start-up time (torch)
+
+    return run_calibrate(model, data, out, temperature=temperature, method=method, policy=policy, split=split)
+
+
+def ensemble(checkpoints: list[Path], out: Path, weights: str | None = None) -> Path:
+    """An ensemble folder of ``checkpoints``; ``weights``: comma-separated positive numbers, one each."""
+    from ..ensemble import build_ensemble  # lazy: start-up time (torch)
+
+    values = None
+    if weights:
+        try:
+            values = [float(w) for w in weights.split(",")]
+        except ValueError:
+            raise CxrlabError(f"--weights {weights!r}: expected comma-separated numbers, e.g. 2,1") from None
+    return build_ensemble(checkpoints, out, values)
+
+
+def prototypes(model: Path, out: Path) -> dict:
+    from ..inference.prototypes import write_prototype_report  # lazy: start-up time (torch)
+
+    return write_prototype_report(model, out)
