@@ -32,6 +32,9 @@ images). CheXpert images carry 2.4 positives on average against NIH's 0.7. Findi
 counterpart reuse its drawing; Lung Opacity, Support Devices, Enlarged Cardiomediastinum, Fracture and
 (half of the time) Pleural Other have their own, and Lung Lesion is a mass or a nodule. Views are AP
 with CheXpert's rates (59 % without a finding, 87 % with one).
+
+The parts: ``tables`` (label combinations, patients, views: no pixels), ``anatomy`` (the normal chest),
+``painter`` (the findings and ``render``); this module turns them into ``Records`` and reads the spec.
 """
 from __future__ import annotations
 
