@@ -13,7 +13,10 @@ from cxrlab.registry import HEADS, REGIMES
 
 @pytest.mark.parametrize("name", list_recipes())
 def test_every_shipped_recipe_builds_its_parts(name):
+    from cxrlab.workflows.experiment import check_contracts
+
     recipe = load_recipe(name)
+    check_contracts(recipe)  # head, regime and loss terms fit together
     head = HEADS.get(recipe.model.head)
     accepted = set(inspect.signature(head).parameters)
     assert set(recipe.model.head_args) <= accepted, f"{name}: head_args not accepted by {recipe.model.head}"
@@ -111,3 +114,76 @@ def test_misspelt_parts_fail_before_any_data_is_read(override, words, tmp_path):
         run(recipe, tmp_path)
     for word in words:
         assert word in str(exc.value)
+
+
+# ------------------------------------------------------------------------------ one enum per choice
+
+def _choice_fields():
+    """``(section.key, enum)`` for every string choice of the config."""
+    import dataclasses
+    import typing
+    from enum import StrEnum
+
+    from cxrlab.config import Recipe
+
+    out = []
+    for section in dataclasses.fields(Recipe):
+        cls = typing.get_type_hints(Recipe)[section.name]
+        if not dataclasses.is_dataclass(cls):
+            continue
+        for key, hint in typing.get_type_hints(cls).items():
+            assert typing.get_origin(hint) is not typing.Literal, f"{section.name}.{key} is a Literal: make it a StrEnum"
+            if isinstance(hint, type) and issubclass(hint, StrEnum):
+                out.append((f"{section.name}.{key}", hint))
+    return out
+
+
+def test_choices_are_enums_loaded_from_plain_strings_and_written_as_plain_strings():
+    import json
+
+    from cxrlab.config import Amp, Resize, from_dict
+
+    fields = dict(_choice_fields())
+    assert {"data.policy", "data.resize", "optim.name", "schedule.name", "train.amp", "eval.threshold"} <= set(fields)
+    recipe = load_recipe("demo", ["data.resize=crop", "train.amp=off"])
+    assert recipe.data.resize is Resize.CROP and recipe.train.amp is Amp.OFF
+    for key, enum in fields.items():
+        section, name = key.split(".")
+        assert isinstance(getattr(getattr(recipe, section), name), enum), key
+    plain = recipe.to_dict()
+    for key in fields:
+        section, name = key.split(".")
+        assert type(plain[section][name]) is str, key  # checkpoint.json holds plain strings
+    text = json.dumps(plain)
+    assert '"resize": "crop"' in text and '"amp": "off"' in text
+    assert from_dict(json.loads(text)) == recipe  # an old checkpoint's recipe (plain strings) loads
+
+
+@pytest.mark.parametrize("override, hint", [
+    ("data.resize=crp", "crop"), ("data.policy=u_one", "u_ones"), ("data.split=oficial", "official"),
+    ("optim.name=adam_w", "adamw"), ("schedule.name=cosin", "cosine"), ("train.amp=bf61", "bf16"),
+    ("train.select_on=los", "loss"), ("eval.threshold=youdn", "youden"), ("data.labeller=negbi", "negbio"),
+])
+def test_a_bad_choice_names_the_key_and_the_closest_value(override, hint):
+    key = override.split("=")[0]
+    with pytest.raises(CxrlabError, match=rf"config key '{key}': .* is not one of .*; did you mean '{hint}'\?$"):
+        load_recipe("demo", [override])
+
+
+def test_no_module_restates_a_choice_list():
+    """A tuple or list of exactly one choice enum's values, written out in the package, is a second copy."""
+    import ast
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[1] / "src" / "cxrlab"
+    lists = {frozenset(e) for _, e in _choice_fields()}
+    found = []
+    for path in sorted(src.rglob("*.py")):
+        if path.name == "config.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Tuple, ast.List)) and node.elts and all(
+                    isinstance(e, ast.Constant) and isinstance(e.value, str) for e in node.elts):
+                if frozenset(e.value for e in node.elts) in lists:
+                    found.append(f"{path.relative_to(src)}:{node.lineno}: {ast.unparse(node)}")
+    assert not found, "\n".join(found)

@@ -1,6 +1,8 @@
 """Recipes: YAML files parsed into typed, validated config sections, with ``key=value`` overrides.
 
 Unknown keys and values of the wrong type are errors that name the key and the closest valid one.
+Every string choice is one ``StrEnum`` below, which the code compares with too: a member equals its
+plain string, YAML gives plain strings, and ``Recipe.to_dict`` (checkpoint.json) writes plain strings.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import sys
 import types
 import typing
 from dataclasses import dataclass, field
+from enum import Enum, StrEnum
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -20,21 +23,97 @@ import yaml
 from .errors import CxrlabError, closest
 
 
+class Policy(StrEnum):  # data.policy; see cxrlab.data.policies
+    FULL = "full"
+    U_ONES = "u_ones"
+    U_ZEROS = "u_zeros"
+    U_IGNORE = "u_ignore"
+    SPML = "spml"
+
+
+class NoFinding(StrEnum):  # data.spml_no_finding
+    KEEP = "keep"
+    DROP = "drop"
+
+
+class Resize(StrEnum):  # data.resize
+    PAD = "pad"    # keep the whole image, black borders
+    CROP = "crop"  # centre crop
+
+
+class Labeller(StrEnum):  # data.labeller (MIMIC)
+    CHEXPERT = "chexpert"
+    NEGBIO = "negbio"
+
+
+class Split(StrEnum):  # data.split
+    OFFICIAL = "official"
+    RANDOM = "random"
+    CV = "cv"
+
+
+class Duplicates(StrEnum):  # data.duplicates (csv sources)
+    WARN = "warn"
+    DROP = "drop"
+
+
+class Optimizer(StrEnum):  # optim.name
+    ADAMW = "adamw"
+    ADAM = "adam"
+    SGD = "sgd"
+
+
+class Schedule(StrEnum):  # schedule.name
+    COSINE = "cosine"
+    STEP = "step"
+    CONSTANT = "constant"
+
+
+class Amp(StrEnum):  # train.amp
+    AUTO = "auto"  # bf16 on GPU, off on CPU
+    BF16 = "bf16"
+    FP16 = "fp16"
+    OFF = "off"
+
+
+class SelectOn(StrEnum):  # train.select_on
+    MACRO_AUC = "macro_auc"
+    LOSS = "loss"
+
+
+class ThresholdRule(StrEnum):  # eval.threshold; see cxrlab.metrics.thresholds
+    F1 = "f1"
+    YOUDEN = "youden"
+
+
+def choose(choices: type[StrEnum], value, what: str) -> StrEnum:
+    """``value`` as a member of ``choices``, or the one-line error naming ``what``, the closest valid
+    value and all of them (default first): for library functions and hand-built config sections, which
+    may hold plain strings that no recipe load checked."""
+    try:
+        return choices(value)
+    except ValueError:
+        values = [c.value for c in choices]
+        hint = closest(str(value), values)
+        raise CxrlabError(f"unknown {what} {str(value)!r}" + (f"; did you mean {hint!r}?" if hint else "")
+                          + f" (valid: {', '.join(values)})") from None
+
+
 @dataclass
 class DataConfig:
     source: str = "synthetic:2000"       # KIND:LOCATION (see cxrlab.data.sources.parse_source)
     labels: Any = None                   # label space name or list of names; None = the source's own
-    policy: Literal["full", "u_ones", "u_zeros", "u_ignore", "spml"] = "full"
+    policy: Policy = Policy.FULL
     policy_per_label: dict = field(default_factory=dict)  # label -> u_ones|u_zeros|u_ignore
-    spml_no_finding: Literal["keep", "drop"] = "keep"  # keep (positive = "No Finding") | drop
+    spml_no_finding: NoFinding = NoFinding.KEEP  # keep (positive = "No Finding") | drop
     add_no_finding: bool = False         # other policies: add a "No Finding" output (positive when no label is)
     views: Any = None                    # None (all) | frontal | lateral | [PA, AP, ...]
     image_size: int = 64
-    resize: Literal["pad", "crop"] = "pad"  # pad (keep the whole image, black borders) | crop (centre)
-    labeller: Literal["chexpert", "negbio"] = "chexpert"  # MIMIC only: which label file
+    resize: Resize = Resize.PAD  # pad (keep the whole image, black borders) | crop (centre)
+    labeller: Labeller = Labeller.CHEXPERT  # MIMIC only: which label file
     cache_dir: str | None = None         # where prepared caches are made (default: $CXRLAB_CACHE or ~/.cache/cxrlab)
     cache: str | None = None             # a cache folder from `cxrlab prepare --out DIR`: train from it (checked)
-    split: Literal["official", "random", "cv"] = "random"  # cv: the folds of `cxrlab cv` / `compare --cv`
+    split: Split = Split.RANDOM  # cv: the folds of `cxrlab cv` / `compare --cv`
     folds_file: str | None = None        # a manifest from `cxrlab data split --out`: cv and compare use its folds
     val_fraction: float = 0.1
     test_fraction: float = 0.2
@@ -42,7 +121,7 @@ class DataConfig:
     repeats: int = 1
     seed: int = 0
     num_workers: int = 0
-    duplicates: Literal["warn", "drop"] = "warn"  # csv: exact duplicate rows counted in a warning, or dropped
+    duplicates: Duplicates = Duplicates.WARN  # csv: exact duplicate rows counted in a warning, or dropped
 
 
 @dataclass
@@ -80,7 +159,7 @@ class AugmentConfig:
 
 @dataclass
 class OptimConfig:
-    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    name: Optimizer = Optimizer.ADAMW
     lr: float = 1e-3
     weight_decay: float = 1e-4
     momentum: float = 0.9
@@ -94,7 +173,7 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    name: Literal["cosine", "step", "constant"] = "cosine"
+    name: Schedule = Schedule.COSINE
     warmup_epochs: float = 0.0
     step_size: int = 10
     gamma: float = 0.1
@@ -105,9 +184,9 @@ class TrainConfig:
     epochs: int = 5
     batch_size: int = 32
     grad_clip: float | None = None
-    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto: bf16 on GPU, off on CPU
+    amp: Amp = Amp.AUTO  # auto: bf16 on GPU, off on CPU
     ema: float | None = None             # EMA decay of weights, e.g. 0.999
-    select_on: Literal["macro_auc", "loss"] = "macro_auc"
+    select_on: SelectOn = SelectOn.MACRO_AUC
     early_stop_patience: int | None = None
     seed: int = 0
     device: str = "auto"
@@ -119,7 +198,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    threshold: Literal["f1", "youden"] = "f1"  # fitted on validation only
+    threshold: ThresholdRule = ThresholdRule.F1  # fitted on validation only
     bootstrap: int = 200                 # bootstrap resamples for test-set CIs (0 = none)
     ci: float = 0.95
     min_positives: int = 10              # a label with fewer test positives is flagged unreliable
@@ -141,7 +220,9 @@ class Recipe:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain values only (choices as their strings): what checkpoint.json and reports hold."""
+        return dataclasses.asdict(self, dict_factory=lambda pairs: {k: v.value if isinstance(v, Enum) else v
+                                                                    for k, v in pairs})
 
 
 # the recipes shipped as package data (a wheel holds them; a plain file system path once installed)
@@ -341,13 +422,16 @@ def _coerce(hint, value, key: str):
             except CxrlabError as exc:
                 errors.append(str(exc))
         raise CxrlabError(errors[0])
-    if origin is Literal:
-        choices = typing.get_args(hint)
+    is_choice = isinstance(hint, type) and issubclass(hint, StrEnum)
+    if is_choice or origin is Literal:
+        choices = [c.value for c in hint] if is_choice else list(typing.get_args(hint))
+        if value is False and "off" in choices:  # YAML 1.1 reads a bare `off` (train.amp=off) as false
+            value = "off"
         if value not in choices:
             hint_name = closest(str(value), [str(c) for c in choices])
             raise CxrlabError(f"config key {key!r}: {value!r} is not one of {', '.join(map(str, choices))}"
                               + (f"; did you mean {hint_name!r}?" if hint_name else ""))
-        return value
+        return hint(value) if is_choice else value
     target = origin or hint
     if target is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)

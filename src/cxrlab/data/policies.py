@@ -25,12 +25,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..config import NoFinding, Policy, choose
 from ..errors import CxrlabError, unknown
 from ..labels import NO_FINDING, LabelSpace
 
-POLICIES = ("full", "u_ones", "u_zeros", "u_ignore", "spml")
-LABEL_POLICIES = ("full", "u_ones", "u_zeros", "u_ignore")
-NO_FINDING_CHOICES = ("keep", "drop")
+POLICIES = tuple(p.value for p in Policy)  # the values of data.policy (config.Policy), for listing
+# what one label may get in per_label: SPML is a policy of the whole label space
+LABEL_POLICIES = tuple(p.value for p in Policy if p is not Policy.SPML)
 BLANK_CHOICES = ("zeros", "ignore")
 
 
@@ -64,14 +65,14 @@ def apply_policy(values, labels: LabelSpace, policy: str, per_label: dict | None
     ``no_finding`` only matters for SPML.
     """
     values = _check_values(values, labels)
-    _check_choice("label policy", policy, POLICIES)
-    _check_choice("no_finding choice", no_finding, NO_FINDING_CHOICES)
+    policy = choose(Policy, policy, "label policy")  # also called with plain strings, outside a recipe
+    no_finding = choose(NoFinding, no_finding, "no_finding choice")
     _check_choice("blank choice", blank, BLANK_CHOICES)
-    base = "u_zeros" if policy == "spml" else policy
+    base = Policy.U_ZEROS if policy is Policy.SPML else policy
     per_column = _per_column(labels, base, per_label or {})
     target, mask = _resolve(values, labels, per_column, blank)
     rows = np.arange(len(values), dtype=np.int64)
-    if policy != "spml":
+    if policy is not Policy.SPML:
         if add_no_finding and NO_FINDING not in labels.names:
             return PolicyResult(labels.with_no_finding(), *_append_no_finding(target, mask), rows)
         return PolicyResult(labels, target, mask, rows)
@@ -115,13 +116,13 @@ def _resolve(values: np.ndarray, labels: LabelSpace, per_column: list[str], blan
         uncertain = values[:, j] == -1
         if not uncertain.any():
             continue
-        if policy == "full":
+        if policy == Policy.FULL:
             raise CxrlabError(f"label {labels.names[j]!r} has {int(uncertain.sum())} uncertain (-1) values, "
                               f"which policy 'full' does not accept; choose u_ones, u_zeros or u_ignore "
                               f"(for all labels, or per label)")
-        if policy == "u_ones":
+        if policy == Policy.U_ONES:
             target[uncertain, j] = 1.0
-        elif policy == "u_ignore":
+        elif policy == Policy.U_IGNORE:
             mask[uncertain, j] = 0.0
     return target, mask
 
@@ -140,7 +141,7 @@ def _single_positive(target, mask, labels: LabelSpace, seed: int, no_finding: st
     positives = (target == 1) & (mask == 1)
     count = positives.sum(1)
     rows = np.arange(len(target), dtype=np.int64)
-    if no_finding == "drop":
+    if no_finding is NoFinding.DROP:
         rows = rows[count > 0]
         space = labels
     else:

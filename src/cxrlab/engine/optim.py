@@ -20,7 +20,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from ..config import OptimConfig, ScheduleConfig
+from ..config import OptimConfig, Optimizer, Schedule, ScheduleConfig, choose
 from ..errors import CxrlabError
 from ..models import CxrModel
 
@@ -90,17 +90,14 @@ def build_optimizer(cfg: OptimConfig, modules: dict[str, nn.Module] | Iterable[n
     groups = param_groups(modules, objective, cfg.lr, cfg.weight_decay, part_multipliers(cfg))
     if not groups:
         raise CxrlabError("nothing to train: the model, regime and loss have no trainable parameters")
-    name = cfg.name.lower()
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
-    if name == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
-    if name == "sgd":
+    name = choose(Optimizer, cfg.name, "optim.name")  # a recipe's is checked at load; a hand-built one is not
+    if name is Optimizer.SGD:
         if cfg.nesterov and cfg.momentum <= 0:
             raise CxrlabError("optim.nesterov needs optim.momentum > 0")
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                weight_decay=cfg.weight_decay)
-    raise CxrlabError(f"unknown optim.name {cfg.name!r} (valid: adamw, adam, sgd)")
+    adam = torch.optim.AdamW if name is Optimizer.ADAMW else torch.optim.Adam
+    return adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
 
 
 def lr_factor(cfg: ScheduleConfig, step: int, epochs: int, steps_per_epoch: int) -> float:
@@ -114,18 +111,16 @@ def lr_factor(cfg: ScheduleConfig, step: int, epochs: int, steps_per_epoch: int)
     warmup = min(total, int(round(cfg.warmup_epochs * steps_per_epoch)))
     if step < warmup:
         return (step + 1) / warmup
-    name = cfg.name.lower()
-    if name == "constant":
+    name = choose(Schedule, cfg.name, "schedule.name")
+    if name is Schedule.CONSTANT:
         return 1.0
-    if name == "cosine":
+    if name is Schedule.COSINE:
         span = max(1, total - warmup)
         progress = min(1.0, (step - warmup) / span)
         return 0.5 * (1.0 + math.cos(math.pi * progress))
-    if name == "step":
-        if cfg.step_size <= 0:
-            raise CxrlabError(f"schedule.step_size must be > 0, got {cfg.step_size}")
-        return cfg.gamma ** ((step // max(1, steps_per_epoch)) // cfg.step_size)
-    raise CxrlabError(f"unknown schedule.name {cfg.name!r} (valid: cosine, step, constant)")
+    if cfg.step_size <= 0:  # step
+        raise CxrlabError(f"schedule.step_size must be > 0, got {cfg.step_size}")
+    return cfg.gamma ** ((step // max(1, steps_per_epoch)) // cfg.step_size)
 
 
 def build_scheduler(cfg: ScheduleConfig, optimizer: torch.optim.Optimizer, epochs: int,
@@ -138,9 +133,7 @@ def build_scheduler(cfg: ScheduleConfig, optimizer: torch.optim.Optimizer, epoch
         raise CxrlabError(f"schedule.warmup_epochs must be >= 0, got {cfg.warmup_epochs}")
     if new_params_warmup_epochs < 0:
         raise CxrlabError(f"optim.new_params_warmup_epochs must be >= 0, got {new_params_warmup_epochs}")
-    if cfg.name.lower() not in ("cosine", "step", "constant"):
-        raise CxrlabError(f"unknown schedule.name {cfg.name!r} (valid: cosine, step, constant)")
-    if cfg.name.lower() == "step" and cfg.step_size <= 0:
+    if choose(Schedule, cfg.name, "schedule.name") is Schedule.STEP and cfg.step_size <= 0:
         raise CxrlabError(f"schedule.step_size must be > 0, got {cfg.step_size}")
     ramp = int(round(new_params_warmup_epochs * steps_per_epoch))
 

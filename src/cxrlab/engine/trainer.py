@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import Recipe
+from ..config import Amp, Optimizer, Recipe, SelectOn, choose
 from ..errors import CxrlabError, unknown
 from .. import checkpoint as ckpt
 from . import distributed as dist
@@ -94,8 +94,6 @@ class Trainer:
         self.cfg = t = recipe.train
         self.out_dir = Path(out_dir)
         self.label_names = list(label_names)
-        if t.select_on not in ("macro_auc", "loss"):
-            raise CxrlabError(f"unknown train.select_on {t.select_on!r} (valid: macro_auc, loss)")
         self.dist = dist.init_distributed()
         self.device = torch.device(device) if device is not None else dist.default_device(t.device)
         seed_everything(t.seed + self.dist.rank)
@@ -115,7 +113,7 @@ class Trainer:
                                         ignore=objective_buffers)
         self.params = [p for p in self.step_module.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(recipe.optim, model_parts(self.model, regime.modules), self.objective,
-                                         fused=self.device.type == "cuda" and recipe.optim.name == "adamw")
+                                         fused=self.device.type == "cuda" and recipe.optim.name == Optimizer.ADAMW)
         self.scheduler = None  # needs the number of steps per epoch: built in fit()
         self.ema = None
         if t.ema:
@@ -276,7 +274,7 @@ class Trainer:
             return best is None and self.best["epoch"] is None  # keep the first epoch rather than none
         if best is None or not math.isfinite(best):
             return True
-        return score > best if self.cfg.select_on == "macro_auc" else score < best
+        return score > best if self.cfg.select_on == SelectOn.MACRO_AUC else score < best
 
     # ------------------------------------------------------------------------------------ evaluation
 
@@ -475,21 +473,19 @@ def compile_args(value: bool | str) -> dict:
     return {"backend": value}
 
 
-def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    amp = str(amp).lower()
-    if amp == "off":
+def _amp_dtype(amp: Amp, device: torch.device) -> torch.dtype | None:
+    amp = choose(Amp, amp, "train.amp")  # a recipe's is checked at load; a hand-built TrainConfig's is not
+    if amp is Amp.OFF:
         return None
-    if amp == "auto":
+    if amp is Amp.AUTO:
         if device.type != "cuda":
             return None
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if amp == "bf16":
+    if amp is Amp.BF16:
         return torch.bfloat16
-    if amp == "fp16":
-        if device.type != "cuda":
-            raise CxrlabError("train.amp=fp16 needs a CUDA device; use train.amp=bf16 or off on the CPU")
-        return torch.float16
-    raise CxrlabError(f"unknown train.amp {amp!r} (valid: auto, bf16, fp16, off)")
+    if device.type != "cuda":  # fp16
+        raise CxrlabError("train.amp=fp16 needs a CUDA device; use train.amp=bf16 or off on the CPU")
+    return torch.float16
 
 
 def _set_determinism(deterministic: bool, device: torch.device) -> None:

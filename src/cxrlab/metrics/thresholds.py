@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import unknown
+from ..config import ThresholdRule, choose
 from .multilabel import check_inputs, descending_counts
-
-METHODS = ("f1", "youden")
 
 
 def f1_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -28,14 +26,14 @@ def youden_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
     return float(thr[int(np.argmax(j))])
 
 
-def fit_thresholds(probs, targets, mask=None, method: str = "f1") -> np.ndarray:
+def fit_thresholds(probs, targets, mask=None, method: ThresholdRule | str = ThresholdRule.F1) -> np.ndarray:
     """One threshold per label from validation predictions (never the test set); 0.5 for labels
     lacking both classes among known entries. Candidates are the distinct predicted values.
+    ``method``: ``f1`` or ``youden`` (:class:`cxrlab.config.ThresholdRule`).
     """
-    if method not in METHODS:
-        raise unknown("threshold method", str(method), METHODS)
+    method = choose(ThresholdRule, method, "threshold method")
     p, t, known = check_inputs(probs, targets, mask)
-    pick = f1_threshold if method == "f1" else youden_threshold
+    pick = f1_threshold if method is ThresholdRule.F1 else youden_threshold
     out = np.full(p.shape[1], 0.5)
     for j in range(p.shape[1]):
         y = t[known[:, j], j] > 0.5

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ...config import Duplicates, choose
 from ...errors import CxrlabError, unknown
 from ...labels import LabelSpace, parse_labels
 from ..images import IMAGE_SUFFIXES
@@ -16,7 +17,6 @@ from ._common import (abspath, finish, first_line, label_matrix, looks_numeric, 
                       require_columns, space_for)
 
 META_COLUMNS = ("path", "patient_id", "study_id", "view", "split")
-DUPLICATES = ("warn", "drop")
 YES_NO = {"yes", "no", "y", "n", "true", "false", "positive", "negative"}
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validate": "val", "validation": "val",
                "test": "test"}
@@ -35,8 +35,7 @@ def load_csv(location, views=None, labels=None, duplicates: str = "warn") -> Rec
     csv = abspath(location)
     if not csv.is_file():
         raise CxrlabError(f"csv: file not found: {csv}")
-    if duplicates not in DUPLICATES:
-        raise unknown("duplicates option", duplicates, DUPLICATES)
+    duplicates = choose(Duplicates, duplicates, "duplicates option")
     df = read_table(csv)
     if df.shape[1] == 0:
         raise CxrlabError(f"{csv}: no columns")
@@ -90,7 +89,7 @@ def _duplicates(df: pd.DataFrame, csv: Path, duplicates: str, identity: list[str
     exact = key.duplicated(keep="first").to_numpy(bool)
     if exact.any():
         lines = ", ".join(str(i + 2) for i in np.flatnonzero(exact)[:5])
-        action = "dropped" if duplicates == "drop" else "kept (data.duplicates=drop drops them)"
+        action = "dropped" if duplicates is Duplicates.DROP else "kept (data.duplicates=drop drops them)"
         logging.getLogger("cxrlab").warning(f"warning: {csv}: {int(exact.sum())} duplicate rows (lines "
                                             f"{lines}{', ...' if exact.sum() > 5 else ''}) {action}")
     distinct = key[~exact]
@@ -103,7 +102,7 @@ def _duplicates(df: pd.DataFrame, csv: Path, duplicates: str, identity: list[str
         raise CxrlabError(f"{csv}: lines {a + 2} and {b + 2} list the same image {first!r} with different "
                           f"{', '.join(repr(c) for c in differ)}; one image must have one patient and one "
                           "set of labels")
-    return ~exact if duplicates == "drop" else np.ones(len(df), dtype=bool)
+    return ~exact if duplicates is Duplicates.DROP else np.ones(len(df), dtype=bool)
 
 
 

@@ -8,21 +8,21 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ...errors import CxrlabError, unknown
+from ...config import Labeller, choose
+from ...errors import CxrlabError
 from ...labels import MIMIC14
 from ..records import Records
 from ._common import abspath, find_file, finish, first_line, label_matrix, make_meta, read_table, require_columns
 
 PREFIX = "mimic-cxr-2.0.0-"
-LABELLERS = ("chexpert", "negbio")
+LABELLERS = tuple(c.value for c in Labeller)  # the values of data.labeller, for listing
 SPLITS = {"train": "train", "validate": "val", "test": "test"}
 IDS = {"dicom_id": "str", "subject_id": "str", "study_id": "str"}
 
 
 def load_mimic(location, views=None, labeller: str = "chexpert") -> Records:
     """Records over MIMIC14 with raw values; ``split`` from the split file (validate → val)."""
-    if labeller not in LABELLERS:
-        raise unknown("MIMIC labeller", labeller, LABELLERS)
+    labeller = choose(Labeller, labeller, "MIMIC labeller")
     root = abspath(location)
     if not root.is_dir():
         raise CxrlabError(f"mimic: folder not found: {root}")
