@@ -77,6 +77,72 @@ def test_set_thresholds(run, tmp_path):
         ckpt.set_thresholds(folder, [0.5])
 
 
+def test_checkpoint_holds_a_model_card(run):
+    """What inference needs is in the card, from the recipe and the weights, not left in the recipe."""
+    trainer, result, run_dir = run
+    card = ckpt.read_card(run_dir)
+    recipe = json.loads((run_dir / "best" / "checkpoint.json").read_text())["recipe"]
+    assert card.labels == tuple(LABELS) and card.thresholds is None and "0.5" in card.threshold_source
+    assert (card.input.size, card.input.resize, card.input.decoder) == (recipe["data"]["image_size"],
+                                                                         recipe["data"]["resize"], "draft2")
+    backbone = trainer.model.backbone
+    assert card.input.mean == (pytest.approx(float(backbone.input_mean)),)
+    assert card.input.std == (pytest.approx(float(backbone.input_std)),)
+    assert card.backbones == ("test_resnet",) and card.head == recipe["model"]["head"]
+    assert card.training.recipe == recipe["name"] and card.training.epochs == result.best_epoch
+    assert card.training.policy == recipe["data"]["policy"] and card.training.metrics
+    assert set(card.versions) == {"cxrlab", "torch"}
+
+
+def test_a_checkpoint_json_from_before_the_card_still_loads(run, tmp_path):
+    """The old layout (recipe, labels, thresholds, no card fields) is read into the same card, and the
+    predictor built from it gives the same probabilities."""
+    from cxrlab.inference.predictor import Predictor
+    from cxrlab.model_card import CARD_KEYS
+
+    _, _, run_dir = run
+    old = tmp_path / "old"
+    shutil.copytree(run_dir / "best", old)
+    ckpt.set_thresholds(old, [0.2, 0.5, 0.7])
+    new_card = ckpt.read_card(old)
+    info = json.loads((old / "checkpoint.json").read_text())
+    info = {k: v for k, v in info.items() if k not in CARD_KEYS or k in ("labels", "thresholds")}
+    assert "input" not in info and "recipe" in info
+    (old / "checkpoint.json").write_text(json.dumps(info))
+    card = ckpt.read_card(old)
+    assert card.input == new_card.input.__class__(new_card.input.size, new_card.input.resize)  # no mean/std kept
+    assert card.thresholds == (0.2, 0.5, 0.7) and card.labels == new_card.labels
+    assert (card.head, card.backbones, card.training.policy) == (new_card.head, new_card.backbones,
+                                                                  new_card.training.policy)
+    images = [np.random.default_rng(0).random((40, 50)) for _ in range(3)]
+    np.testing.assert_array_equal(Predictor.from_checkpoint(old, device="cpu").predict(images),
+                                  Predictor.from_checkpoint(run_dir / "best", device="cpu").predict(images))
+    with pytest.raises(CxrlabError, match="checkpoint.json lacks 'input'"):
+        from cxrlab.model_card import card_from_json
+
+        card_from_json({"labels": ["a"]}, "checkpoint.json")
+
+
+def test_card_codec_old_sidecar_and_temperature():
+    """A version-1 sidecar stored thresholds on the temperature-scaled scale: the codec unscales them, so
+    the decisions (``output_thresholds``) are the ones it made; a card round-trips through JSON."""
+    from cxrlab.model_card import card_from_json, card_to_json, scaled_thresholds
+
+    v1 = {"format": "cxrlab-onnx", "version": 1, "labels": ["a", "b"], "thresholds": [0.3, 0.8],
+          "temperature": [2.0, 0.5], "image_size": 64, "resize": "crop", "head": "lcl",
+          "normalisation": [{"backbone": "x", "mean": 0.4, "std": 0.2, "where": "inside the graph"}],
+          "threshold_source": {"site": "A"}, "cxrlab_version": "0.1.0"}
+    card = card_from_json(v1, "m.onnx.json")
+    np.testing.assert_allclose(card.output_thresholds(), [0.3, 0.8], atol=1e-12)
+    np.testing.assert_allclose(scaled_thresholds(card.thresholds, card.temperature), [0.3, 0.8], atol=1e-12)
+    assert card.thresholds[0] < 0.3 and card.thresholds[1] < 0.8  # logit(t) * T: 2× further from 0.5, or half
+    assert (card.input.size, card.input.resize, card.input.mean, card.input.std) == (64, "crop", (0.4,), (0.2,))
+    assert card.threshold_source == '{"site": "A"}' and card.versions == {"cxrlab": "0.1.0"}
+    assert card_from_json(json.loads(json.dumps(card_to_json(card))), "again") == card
+    with pytest.raises(CxrlabError, match="m.onnx.json: model card: 1 thresholds for 2 labels"):
+        card_from_json({**v1, "thresholds": [0.5]}, "m.onnx.json")
+
+
 @pytest.mark.parametrize("file", ["model.safetensors", "state.safetensors", "checkpoint.json"])
 @pytest.mark.parametrize("checksums", [True, False])
 def test_truncated_file_is_named(run, tmp_path, file, checksums):

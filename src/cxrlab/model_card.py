@@ -163,15 +163,14 @@ def _card_from_recipe(data: dict) -> ModelCard:
 
 def _card_from_sidecar_v1(data: dict) -> ModelCard:
     """Version 1 stored the thresholds already scaled by the temperature the graph applies."""
-    temperature = _floats(data.get("temperature"))
-    thresholds = _floats(data.get("thresholds"))
-    if thresholds is not None and temperature is not None:
-        thresholds = tuple(float(t) for t in unscaled_thresholds(thresholds, temperature))
     means = [n["mean"] for n in data.get("normalisation") or []]
     stds = [n["std"] for n in data.get("normalisation") or []]
     versions = {k.removesuffix("_version"): data[k] for k in ("cxrlab_version", "torch_version") if data.get(k)}
-    return _card({**data, "thresholds": thresholds}, InputSpec(int(data["image_size"]), data["resize"],
-                 mean=tuple(means), std=tuple(stds)), Training(), versions=versions)
+    card = _card(data, InputSpec(int(data["image_size"]), data["resize"], mean=tuple(means), std=tuple(stds)),
+                 Training(), versions=versions)  # checks the lengths before they are combined
+    if card.thresholds is None or card.temperature is None:
+        return card
+    return card.replace(thresholds=tuple(float(t) for t in unscaled_thresholds(card.thresholds, card.temperature)))
 
 
 def _floats(values) -> tuple[float, ...] | None:
