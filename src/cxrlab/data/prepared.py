@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..config import Recipe
+from ..config import Policy, Recipe, Split, choose
 from ..errors import CxrlabError, unknown
 from ..labels import LabelSpace, parse_labels
 from .cache import open_cache, prepare
@@ -100,10 +100,10 @@ def prepare_data(recipe: Recipe, progress: bool = True) -> PreparedData:
         wanted = check_labels(d.labels, labels)
         values = values[:, [labels.index(n) for n in wanted.names]]
         labels = wanted
-    if d.policy == "spml":
+    if d.policy == Policy.SPML:
         # keyed by image path so each image's kept positive does not depend on row order
         # the policy also returns the full labels the positive was drawn from: what val/test are scored on
-        train = apply_policy(values, labels, "spml", per_label=d.policy_per_label, seed=d.seed,
+        train = apply_policy(values, labels, Policy.SPML, per_label=d.policy_per_label, seed=d.seed,
                              no_finding=d.spml_no_finding, keys=index["path"].to_numpy())
         rows = train.rows
         columns = np.array([train.labels.index(n) for n in labels.names])
@@ -129,7 +129,8 @@ def split_rows(recipe: Recipe, data: PreparedData, manifest: pd.DataFrame | None
     d = recipe.data
     index = data.index
     everything = np.arange(len(index))
-    if d.split == "cv" or fold is not None:
+    split = choose(Split, d.split, "data.split")  # a recipe's is checked at load; a hand-built one is not
+    if split is Split.CV or fold is not None:
         if manifest is None or fold is None:
             raise CxrlabError("data.split = cv needs a split manifest and a fold (use `cxrlab cv`)")
         repeat, k = fold
@@ -142,7 +143,7 @@ def split_rows(recipe: Recipe, data: PreparedData, manifest: pd.DataFrame | None
         rest = everything[folds.to_numpy() != k]
         train, val = _carve(rest, data, d.val_fraction, d.seed + 1000 * repeat + k)
         return {"train": train, "val": val, "test": test}
-    if d.split == "official":
+    if split is Split.OFFICIAL:
         if "split" not in index.columns:
             raise CxrlabError(f"data.split = official but source {d.source!r} has no official split; "
                               "use data.split=random")
@@ -152,11 +153,9 @@ def split_rows(recipe: Recipe, data: PreparedData, manifest: pd.DataFrame | None
         if len(parts["val"]) == 0:
             parts["train"], parts["val"] = _carve(parts["train"], data, d.val_fraction, d.seed)
         return parts
-    if d.split == "random":
-        parts = random_split(index["patient_id"].to_numpy(), data.strata(),
-                             val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=d.seed)
-        return {name: np.asarray(rows, dtype=np.int64) for name, rows in parts.items()}
-    raise CxrlabError(f"unknown data.split {d.split!r} (valid: official, random, cv)")
+    parts = random_split(index["patient_id"].to_numpy(), data.strata(),  # Split.RANDOM
+                         val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=d.seed)
+    return {name: np.asarray(rows, dtype=np.int64) for name, rows in parts.items()}
 
 
 def _carve(rows: np.ndarray, data: PreparedData, fraction: float, seed: int):
