@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .config import Resize
 from .errors import CxrlabError, unknown
 
-RESIZE_MODES = ("pad", "crop")
+RESIZE_MODES = tuple(r.value for r in Resize)  # data.resize's choices (config.Resize, torch-free)
 # How a file becomes pixels (cxrlab.data.preprocess): Pillow / pydicom, a JPEG decoded at a reduced DCT
 # scale that keeps >= 2 source pixels per output pixel, then an antialiased fit. Renamed if that changes.
 DECODERS = ("draft2",)

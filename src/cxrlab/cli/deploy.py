@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..config import ThresholdRule
+
 
 def add_deploy_commands(sub) -> None:
     p = sub.add_parser("export", help="write an ONNX model + sidecar, checked against PyTorch on real images")
@@ -31,7 +33,7 @@ def add_deploy_commands(sub) -> None:
     p.add_argument("--data", required=True, help="labelled source, KIND:LOCATION")
     p.add_argument("--out", required=True, type=Path, help="folder for the calibrated copy")
     p.add_argument("--temperature", action="store_true", help="also fit a per-label temperature")
-    p.add_argument("--method", default="f1", choices=["f1", "youden"], help="threshold rule (f1)")
+    p.add_argument("--method", default="f1", choices=[r.value for r in ThresholdRule], help="threshold rule (f1)")
     p.add_argument("--policy", default=None, help="uncertain-label policy (default: the recipe's)")
     p.add_argument("--split", default="all", help="all | train | val | test (official split column)")
     p.set_defaults(func=_calibrate)
