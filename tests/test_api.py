@@ -89,3 +89,144 @@ def test_registry_names_still_build_the_same_classes_in_a_recipe_objective():
     direct = (torch.nn.BCEWithLogitsLoss(reduction="none")(LOGITS, TARGET) * MASK).sum() / MASK.sum()
     assert logged["bce"] == pytest.approx(float(direct), rel=1e-6)
     assert float(total) == pytest.approx(logged["bce"] + 0.5 * float(ASL(gamma_neg=2.0)(LOGITS, TARGET, MASK)))
+
+
+# ------------------------------------------------------------------------------------------------- verbs
+
+TINY = {"data.source": "synthetic:160", "data.image_size": 32, "train.epochs": 1, "train.batch_size": 32,
+        "eval.bootstrap": 20, "data.val_fraction": 0.2, "data.test_fraction": 0.25}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    import cxrlab
+
+    root = tmp_path_factory.mktemp("api")
+    result = cxrlab.train("demo", root / "run", **TINY, **{"data.cache_dir": root / "cache"})
+    return root, result
+
+
+def test_importing_cxrlab_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, cxrlab; cxrlab.train; cxrlab.api.override_args({}); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "False", out.stderr
+
+
+def test_overrides_are_the_command_lines_key_values():
+    from pathlib import Path
+
+    from cxrlab.api import override_args
+    from cxrlab.config import load_recipe
+
+    args = override_args({"train.epochs": 2, "optim.lr": 1e-5, "name": "null", "loss": {"bce": 1.0},
+                          "data.views": ("PA", "AP"), "data.cache_dir": Path("/tmp/a b"), "train.ema": None,
+                          "eval.bootstrap": np.int64(7)})
+    assert args[:4] == ["train.epochs=2", "optim.lr=1.0e-05", "name='null'", "loss={bce: 1.0}"]
+    recipe = load_recipe("demo", args)
+    assert (recipe.train.epochs, recipe.optim.lr, recipe.name, recipe.loss) == (2, 1e-5, "null", {"bce": 1.0})
+    assert (recipe.data.views, recipe.data.cache_dir, recipe.train.ema, recipe.eval.bootstrap) == \
+        (["PA", "AP"], "/tmp/a b", None, 7)
+    with pytest.raises(CxrlabError, match="not a plain value"):
+        override_args({"train.epochs": object()})
+
+
+def test_compare_passes_its_arguments_as_the_command_line_would(monkeypatch, tmp_path):
+    import cxrlab
+    from cxrlab.workflows import cross_validation
+
+    seen = {}
+
+    def fake_compare(recipes, out, **kwargs):
+        seen.update(recipes=recipes, out=out, **kwargs)
+        (out / "comparison.json").write_text('{"a": {}}')
+        return out / "comparison.md", out / "comparison.json"
+
+    monkeypatch.setattr(cross_validation, "compare", fake_compare)
+    result = cxrlab.compare(["a", tmp_path / "b.yaml"], tmp_path, cv=(1, 3), tune={"optim.lr": [1e-3, 3e-4],
+                            "model.freeze": [["stem", "stages.0"], []]}, **{"train.epochs": 2})
+    assert seen["recipes"] == ["a", str(tmp_path / "b.yaml")] and seen["cv"] == (1, 3)
+    assert seen["overrides"] == ["train.epochs=2"]
+    assert seen["tune"] == ["optim.lr=0.001,0.0003", "model.freeze=[stem, stages.0],[]"]
+    assert result.results == {"a": {}} and result.table == tmp_path / "comparison.json"
+
+
+def test_train_returns_the_run_and_refuses_a_finished_one(run, tmp_path):
+    import cxrlab
+    from cxrlab.workflows.experiment import RunResult
+
+    root, result = run
+    assert isinstance(result, RunResult) and result.report == root / "run" / "report" / "report.md"
+    assert result.report.is_file() and (result.checkpoint / "checkpoint.json").is_file()
+    assert 0 <= result.metrics["macro_auc"] <= 1 and len(result.history) == 1
+    with pytest.raises(CxrlabError, match="already holds a run"):
+        cxrlab.train("demo", root / "run", **TINY)
+    with pytest.raises(CxrlabError, match="did you mean.*epochs"):
+        cxrlab.train("demo", tmp_path / "other", **{"train.epoch": 1})
+    assert not (tmp_path / "other").exists()
+
+
+def test_evaluate_predict_and_calibrate_a_trained_model(run, tmp_path):
+    from PIL import Image
+
+    import cxrlab
+
+    root, result = run
+    evaluation = cxrlab.evaluate(result.checkpoint, "synthetic:60", tmp_path / "eval")
+    assert evaluation.report.is_file() and 0 <= evaluation.metrics["macro_auc"] <= 1
+
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(2):
+        Image.fromarray(rng.integers(0, 255, (40, 40), dtype=np.uint8)).save(scans / f"x{k}.png")
+    (scans / "broken.png").write_bytes(b"not an image")
+    predictions = cxrlab.predict(result.checkpoint, scans, tmp_path / "p.csv")
+    assert predictions.csv.is_file() and len(predictions.table) == 3
+    assert [p.endswith("broken.png") for p in predictions.failed] == [True]
+    with pytest.raises(CxrlabError, match="exists"):
+        cxrlab.predict(result.checkpoint, scans / "x0.png", tmp_path / "p.csv")
+
+    calibrated = cxrlab.calibrate(result.checkpoint, "synthetic:60", tmp_path / "cal", temperature=True)
+    assert (calibrated.checkpoint / "checkpoint.json").is_file() and calibrated.record["n"] == 60
+
+
+def test_export_writes_onnx_within_its_parity_tolerance(run, tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    import cxrlab
+
+    exported = cxrlab.export(run[1].checkpoint, tmp_path / "model.onnx")
+    assert exported.onnx.is_file() and exported.sidecar == tmp_path / "model.onnx.json"
+    assert exported.sidecar.is_file() and exported.parity["max_abs_diff"] <= exported.parity["tolerance"]
+    with pytest.raises(CxrlabError, match="exists"):
+        cxrlab.export(run[1].checkpoint, tmp_path / "model.onnx")
+    # predicting with the export runs on ONNX Runtime alone
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    Image.fromarray(np.full((40, 40), 90, np.uint8)).save(tmp_path / "x.png")
+    code = ("import sys, cxrlab; r = cxrlab.predict(sys.argv[1], sys.argv[2], sys.argv[3]);"
+            "print(len(r.table), r.failed, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(exported.onnx), str(tmp_path / "x.png"),
+                          str(tmp_path / "p.csv")], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["1", "[]", "False"], out.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_cv_and_compare_return_their_summaries(tmp_path):
+    import cxrlab
+
+    tiny = {**TINY, "data.cache_dir": tmp_path / "cache"}
+    folds = cxrlab.cv("demo", tmp_path / "cv", repeats=1, folds=2, **tiny)
+    assert folds.report.is_file() and len(folds.run_dirs) == 2 and folds.metrics["macro_auc"]["n"] == 2
+    (tmp_path / "focal.yaml").write_text("base: demo\nloss: {focal: 1.0}\n")
+    compared = cxrlab.compare(["demo", tmp_path / "focal.yaml"], tmp_path / "cmp", seeds=1, **tiny)
+    assert compared.report.is_file() and set(compared.results) == {"demo", "focal"}
+    assert compared.results["focal"]["macro_auc"]["n"] == 1
+    with pytest.raises(CxrlabError, match="a list of recipes"):
+        cxrlab.compare("demo", tmp_path / "cmp2")

@@ -1,7 +1,14 @@
 """cxrlab: multi-label chest X-ray classification.
 
-The parts a custom training loop needs are importable from the top level (loaded on first use, so
-``import cxrlab`` stays cheap):
+The command line's verbs are functions (cxrlab.api; overrides as ``**{"train.epochs": 1}``):
+
+    train, cv, compare                  a recipe's run, cross-validation, recipes side by side
+    evaluate, predict, export, calibrate  what a trained model does
+    RunResult, CVResult, ComparisonResult, EvaluationResult, PredictionResult, ExportResult,
+    CalibrationResult                   what they return
+
+The parts a custom training loop needs are importable from the top level too (everything is loaded on
+first use, so ``import cxrlab`` stays cheap):
 
     load_recipe, Recipe                 recipes (cxrlab.config)
     parse_source, read_image            data sources and image decoding (cxrlab.data)
@@ -26,6 +33,10 @@ _EXPORTS = {
     "REGIMES": "cxrlab.registry", "Objective": "cxrlab.losses.base", "LossContext": "cxrlab.losses.base",
     "Trainer": "cxrlab.engine.trainer", "Predictor": "cxrlab.inference.predictor",
     "load_model": "cxrlab.checkpoint", "Output": "cxrlab.output",
+    **dict.fromkeys(["train", "cv", "compare", "evaluate", "predict", "export", "calibrate", "CVResult",
+                     "ComparisonResult", "EvaluationResult", "PredictionResult", "ExportResult",
+                     "CalibrationResult"], "cxrlab.api"),
+    "RunResult": "cxrlab.workflows.experiment",
 }
 
 __all__ = [*_EXPORTS, "metrics"]
