@@ -8,24 +8,19 @@ A term that needs no training-set statistics is called as ``loss(logits, target,
 names the same classes by their registry names (``bce``, ``weighted_bce``, ``focal``, ``asl``, ...:
 ``cxrlab list losses``).
 
-The names resolve on first use: importing the registry's modules here would import every loss (and
-what it imports) whenever any one module of this package is imported.
+The class names resolve on first use: importing every loss module here would import them all (and what
+they import) whenever any one module of this package is imported.
 """
 from __future__ import annotations
 
-import importlib
-
-_BASE = ("LossContext", "LossTerm", "LabelLoss", "Objective", "masked_mean")
+from ..registry import LOSSES
+from .base import LabelLoss, LossContext, LossTerm, Objective, masked_mean  # noqa: F401 (the public names)
 
 
 def __getattr__(name: str):
-    if name in _BASE:
-        return getattr(importlib.import_module("cxrlab.losses.base"), name)
     if name.startswith("__"):  # a tool probing for __wrapped__ and the like need not load every loss
         raise AttributeError(name)
-    from ..registry import LOSSES
-
-    for _, factory in LOSSES.items():
+    for _, factory in LOSSES.items():  # imports the loss modules, once
         if getattr(factory, "__name__", None) == name:
             return factory
     if name in globals():  # a submodule, imported just now by the registry's loader
@@ -34,6 +29,4 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
-    from ..registry import LOSSES
-
-    return sorted({*globals(), *_BASE, *(f.__name__ for _, f in LOSSES.items())})
+    return sorted({*globals(), *(f.__name__ for _, f in LOSSES.items())})
