@@ -10,7 +10,8 @@ import torch
 
 from cxrlab.checkpoint import load_model, module_tensors, save_checkpoint
 from cxrlab.config import Recipe
-from cxrlab.ensemble import EnsembleModel, build_ensemble
+from cxrlab.ensemble import EnsembleModel
+from cxrlab.workflows.ensemble import build_ensemble
 from cxrlab.errors import CxrlabError
 from cxrlab.models import build_model
 

@@ -358,7 +358,7 @@ def test_write_heatmaps_methods(exported, fixtures, tmp_path):
 
 
 def test_ensemble_export(exported, fixtures, tmp_path):
-    from cxrlab.ensemble import build_ensemble
+    from cxrlab.workflows.ensemble import build_ensemble
     from cxrlab.inference.export import export_onnx
     from cxrlab.inference.heatmaps import label_heatmaps
     from cxrlab.inference.predictor import Predictor

@@ -40,17 +40,12 @@ CLI_MAY_IMPORT = ("cxrlab.cli", "cxrlab.workflows", "cxrlab.config", "cxrlab.err
 # stale-entry test below. The lead empties this list when issue 21 closes.
 KNOWN = {
     # a cycle: one of its imports named here, which the cycle check leaves out
-    ("cxrlab.checkpoint", "cxrlab.ensemble"): "ModelCard engineer (the checkpoint <-> ensemble cycle)",
 }
 # Imports of cxrlab modules inside functions without a "# lazy: <reason>" comment, per file: a ceiling
 # while the files' owners add reasons or move the imports to the top. Files not listed may have none.
 UNEXPLAINED_LAZY: dict[str, int] = {
-    "checkpoint.py": 2, "cli/__init__.py": 1, "data/scoring.py": 2, "engine/trainer.py": 2, "ensemble.py": 2,
-    "evaluation/paired.py": 1, "inference/calibrate.py": 5, "inference/export.py": 6,
-    "inference/heatmaps.py": 2, "inference/onnx_backend.py": 1, "inference/predictor.py": 6,
-    "inference/prototypes.py": 5, "inference/server.py": 5, "inference/torch_backend.py": 2,
-    "inference/uploads.py": 1, "metrics/significance.py": 2, "models/text.py": 2,
-    "workflows/cross_validation.py": 13, "workflows/experiment.py": 27, "workflows/tuning.py": 1,
+    "cli/__init__.py": 1, "engine/trainer.py": 2, "evaluation/paired.py": 1, "metrics/significance.py": 2,
+    "models/text.py": 2, "workflows/cross_validation.py": 13, "workflows/experiment.py": 27, "workflows/tuning.py": 1,
 }
 
 

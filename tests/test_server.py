@@ -294,7 +294,7 @@ def test_cli_serve_defaults_and_refusal(model_files, tmp_path, capsys):
 
 
 def test_ensemble_checkpoint_backend(tmp_path, shared_data):
-    from cxrlab.ensemble import build_ensemble
+    from cxrlab.workflows.ensemble import build_ensemble
     from cxrlab.inference.predictor import Predictor
     from cxrlab.inference.server import load_backend
 

@@ -32,7 +32,7 @@ def score(checkpoint: Path, data, parts, recipe) -> dict:
     out = {}
     for part in ("val", "test"):
         rows = parts[part]
-        probs = predictor.predict_cached(data.images[data.image_rows[rows]], batch_size=64)
+        probs = predictor.predict_fitted(data.images[data.image_rows[rows]], batch_size=64)
         # the checkpoint's outputs, in the data's label order (an ensemble may drop "No Finding")
         order = [predictor.label_names.index(data.labels.names[c]) for c in cols]
         out[part] = (probs[:, order], data.eval_target[rows][:, cols], data.eval_mask[rows][:, cols])

@@ -33,8 +33,11 @@ import torch
 from torch import nn
 
 from . import __version__
+from .ensemble import KIND as ENSEMBLE
+from .ensemble import load_ensemble
 from .errors import CxrlabError
 from .model_card import ModelCard, card_from_json, card_to_json
+from .models import build_from_config
 from .serialization import sha256_file, to_jsonable
 
 FORMAT = "cxrlab-checkpoint"
@@ -295,14 +298,10 @@ def load_model(checkpoint: Path, ema: bool | None = None):
     ``ema`` None uses the EMA weights when the run kept them (they are what validation selected on).
     ``info`` is the checkpoint JSON: ``recipe``, ``labels``, ``thresholds``, ``metrics``, ...
     """
-    from .models import build_from_config
-
     folder = find_checkpoint(checkpoint)
     info = read_info(folder)
-    if info.get("kind") == "ensemble":  # a folder from `cxrlab ensemble`: one module over its members
-        from .ensemble import load_ensemble
-
-        return load_ensemble(folder, info), info
+    if info.get("kind") == ENSEMBLE:  # a folder from `cxrlab ensemble`: one module over its members
+        return load_ensemble(folder, info, load_model), info
     use_ema = info.get("ema", False) if ema is None else ema
     if use_ema:
         if not info.get("ema", False):

@@ -9,8 +9,10 @@ import numpy as np
 from ..errors import CxrlabError
 from ..labels import LabelSpace, label_pairs
 from ..model_card import InputSpec, ModelCard
+from .policies import apply_policy
 from .preprocess import preprocess_record
 from .records import Records
+from .sources import parse_source
 
 
 @dataclass
@@ -36,9 +38,6 @@ class ScoringSet:
 def scoring_set(card: ModelCard, source: str, split: str = "all", policy: str | None = None) -> ScoringSet:
     """The source read with the views and MIMIC labeller the model was trained on, labelled by its
     training policy (single-positive training scores against U-Zeros) unless ``policy`` is given."""
-    from .policies import apply_policy
-    from .sources import parse_source
-
     label_names, trained = card.labels, card.training
     records = parse_source(source, views=trained.views, labeller=trained.labeller)
     if split != "all":

@@ -26,8 +26,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ..checkpoint import find_checkpoint, read_card, read_info, write_card
+from ..data.scoring import scoring_set
 from ..errors import CxrlabError
+from ..metrics import fit_thresholds
 from ..model_card import logit, scaled_thresholds, unscaled_thresholds
+from .batch import predict_tolerant
+from .predictor import Predictor
 
 
 def fit_temperature(logits: np.ndarray, targets: np.ndarray, bounds: tuple[float, float] = (0.05, 20.0),
@@ -59,12 +64,6 @@ def fit_temperature(logits: np.ndarray, targets: np.ndarray, bounds: tuple[float
 def calibrate(checkpoint, source: str, out, temperature: bool = False, method: str = "f1",
               policy: str | None = None, split: str = "all") -> dict:
     """Write a calibrated copy of ``checkpoint`` at ``out``; return its ``calibration`` record."""
-    from ..checkpoint import find_checkpoint, read_card, read_info, write_card
-    from ..data.scoring import scoring_set
-    from ..metrics import fit_thresholds
-    from .batch import predict_tolerant
-    from .predictor import Predictor
-
     folder = find_checkpoint(Path(checkpoint))
     out = Path(out)
     if out.resolve() == folder.resolve():

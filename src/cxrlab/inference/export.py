@@ -30,9 +30,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import __version__
+from ..checkpoint import INFO_FILE, MODEL_FILE, STATE_FILE, find_checkpoint, load_model, read_card
+from ..data.preprocess import preprocess
+from ..data.sources import parse_source
+from ..data.sources.generic import collect_images
 from ..errors import CxrlabError
 from ..model_card import InputSpec, card_to_json
 from ..serialization import sha256_file
+from .heatmaps import native_maps
 from .onnx_backend import INPUT_NAME, SIDECAR_FORMAT, SIDECAR_VERSION, sidecar_path
 
 TOLERANCE = 1e-4
@@ -46,8 +52,6 @@ class ExportGraph(nn.Module):
 
     def __init__(self, model: nn.Module, size: int, temperature=None):
         super().__init__()
-        from .heatmaps import native_maps
-
         self.model = model
         self._native_maps = native_maps
         t = torch.ones(0) if temperature is None else torch.as_tensor(temperature, dtype=torch.float32)
@@ -115,15 +119,9 @@ def _no_mha_fastpath():
 def check_images(paths, spec: InputSpec) -> tuple[np.ndarray, list[str]]:
     """Model inputs (uint8 N×S×S) for the parity check, through the one preprocessing path: the given
     files, or, without any, eight of the embedded synthetic radiographs."""
-    from ..data.preprocess import preprocess
-
     if paths:
-        from ..data.sources.generic import collect_images
-
         files = collect_images(paths)
         return np.stack([preprocess(spec, f) for f in files]), [str(f) for f in files]
-    from ..data.sources import parse_source
-
     records = parse_source(f"synthetic:8,size={spec.size}")
     return (np.stack([preprocess(spec, np.asarray(records.read(i))) for i in range(len(records))]),
             [f"synthetic:8,size={spec.size} #{i}" for i in range(len(records))])
@@ -138,9 +136,6 @@ def export_onnx(checkpoint, out, check: list | None = None, tolerance: float = T
     """
     import onnx
     import onnxruntime as ort
-
-    from .. import __version__
-    from ..checkpoint import INFO_FILE, MODEL_FILE, STATE_FILE, find_checkpoint, load_model, read_card
 
     folder = find_checkpoint(Path(checkpoint))
     model, info = load_model(folder)

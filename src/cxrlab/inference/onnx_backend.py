@@ -16,6 +16,7 @@ import numpy as np
 from ..errors import CxrlabError
 from ..model_card import ModelCard, card_from_json
 from ..serialization import sha256_file
+from .overlay import normalise_maps, resize_maps
 
 SIDECAR_FORMAT = "cxrlab-onnx"
 SIDECAR_VERSION = 2  # 2: the model card's fields; 1 (still read): thresholds scaled by the temperature
@@ -97,8 +98,6 @@ class OnnxBackend:
 
     def heatmaps(self, fitted: np.ndarray, labels: list[int], method: str) -> tuple[np.ndarray, np.ndarray]:
         """(probabilities L, heatmaps K×S×S in [0, 1]) of one fitted image, from the exported map output."""
-        from .overlay import normalise_maps, resize_maps
-
         if method != "native":
             raise CxrlabError(f"heatmap method {method!r} needs the PyTorch checkpoint: an ONNX export draws "
                               "the head's native maps only")

@@ -16,6 +16,9 @@ import numpy as np
 from ..data.preprocess import preprocess
 from ..errors import CxrlabError, unknown
 from ..model_card import InputSpec, ModelCard
+from ..serialization import sha256_file
+from .batch import predict_tolerant
+from .onnx_backend import OnnxBackend
 
 METHODS = ("native", "gradcam", "gradcampp")  # heatmaps: the head's own maps, Grad-CAM, Grad-CAM++
 
@@ -37,15 +40,13 @@ class Predictor:
         if Path(path).suffix.lower() == ".onnx":
             return cls.from_onnx(path, threads)
         if threads:
-            import torch
+            import torch  # lazy: the checkpoint path only
 
             torch.set_num_threads(threads)
         return cls.from_checkpoint(path, device=device)
 
     @classmethod
     def from_onnx(cls, path, threads: int | None = None) -> "Predictor":
-        from .onnx_backend import OnnxBackend
-
         backend = OnnxBackend(path, threads)
         return cls(backend, backend.card)
 
@@ -53,8 +54,8 @@ class Predictor:
     def from_checkpoint(cls, checkpoint, device: str | None = None, calibrated: bool = True) -> "Predictor":
         """The model of a checkpoint folder (or a run folder: its best checkpoint) with its card;
         ``calibrated=False`` leaves out a temperature from ``cxrlab calibrate`` (to refit it)."""
+        # lazy: these import torch, which the ONNX path must not
         from ..checkpoint import INFO_FILE, MODEL_FILE, STATE_FILE, find_checkpoint, load_model, read_card
-        from ..serialization import sha256_file
         from .torch_backend import TorchBackend
 
         folder = find_checkpoint(Path(checkpoint))
@@ -74,7 +75,7 @@ class Predictor:
                    device: str | None = None, temperature=None) -> "Predictor":
         """A model of your own loop (any ``nn.Module`` returning an ``Output``), fed as the prepared cache
         fed it: images fitted to ``image_size`` by ``resize``."""
-        from .torch_backend import TorchBackend
+        from .torch_backend import TorchBackend  # lazy: torch, which the ONNX path must not import
 
         card = ModelCard(labels=tuple(label_names), input=InputSpec(int(image_size), resize),
                          thresholds=None if thresholds is None else tuple(float(t) for t in thresholds),
@@ -139,8 +140,6 @@ class Predictor:
     def predict_paths(self, paths, batch_size: int = 32, workers: int | None = None) -> np.ndarray:
         """Probabilities for image files (PNG, JPEG, DICOM); an unreadable one is an error naming it
         (:func:`cxrlab.inference.batch.predict_tolerant` keeps going past it instead)."""
-        from .batch import predict_tolerant
-
         paths = list(paths)
         return predict_tolerant(self, len(paths), lambda i: self.fit(paths[i]), batch_size, workers,
                                 strict=True)[0]

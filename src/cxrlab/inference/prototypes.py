@@ -9,20 +9,19 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
+from ..checkpoint import load_model, read_card
 from ..errors import CxrlabError
+from ..evaluation.plots import plot_matrices
+from ..models import CxrModel
+from ..models.heads.prototype import PrototypeHead
+from ..models.text import cosine_matrix
 
 
 def prototype_similarities(checkpoint: Path) -> dict:
     """``{"labels", "prototypes" (L×L cosines of q), "text" (L×L cosines of the stored text vectors),
     "r_offdiagonal" (Pearson r of their off-diagonal entries), "kappa", "text_encoder"}``."""
-    import torch
-
-    from ..checkpoint import load_model, read_card
-    from ..models import CxrModel
-    from ..models.heads.prototype import PrototypeHead
-    from ..models.text import cosine_matrix
-
     model, info = load_model(Path(checkpoint))
     card = read_card(Path(checkpoint))
     head = model.head if isinstance(model, CxrModel) else None  # an ensemble has no one head
@@ -44,8 +43,6 @@ def prototype_similarities(checkpoint: Path) -> dict:
 def write_prototype_report(checkpoint: Path, out_dir: Path) -> dict:
     """``prototypes.png`` (the two heatmaps side by side), ``prototype_cosine.csv``, ``text_cosine.csv``
     and ``prototypes.json`` (r, κ, the text encoder's identity) in ``out_dir``; returns their paths."""
-    from ..evaluation.plots import plot_matrices
-
     result = prototype_similarities(checkpoint)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

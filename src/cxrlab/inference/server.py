@@ -35,7 +35,12 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import __version__
 from ..errors import CxrlabError, unknown
+from .api_reference import api_reference_html
+from .batch import predict_tolerant
+from .overlay import overlay_png
+from .predictor import Predictor
 from .uploads import MAX_PIXELS, decode_upload
 
 MAX_UPLOAD_BYTES = 50 * 2**20
@@ -48,8 +53,6 @@ DISCLAIMER = "Research tool, not a medical device: not for diagnosis or treatmen
 def load_backend(path, threads: int | None = None):
     """The model behind the server: a :class:`~cxrlab.inference.predictor.Predictor` (``*.onnx`` through
     ONNX Runtime, anything else as a checkpoint) on the CPU."""
-    from .predictor import Predictor
-
     return Predictor.load(path, device="cpu", threads=threads)
 
 
@@ -166,8 +169,6 @@ def create_app(model_path, workers: int = 2, queue: int = 8, timeout: float = 30
     from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
     from fastapi.staticfiles import StaticFiles
 
-    from .. import __version__
-
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     backend = load_backend(model_path, threads or max(1, cores // max(1, workers)))
     own_tmp = tmp_dir is None
@@ -209,8 +210,6 @@ def create_app(model_path, workers: int = 2, queue: int = 8, timeout: float = 30
         return decode_upload(data, name, backend.spec, max_pixels, tmp_root)
 
     def predict_job(uploads: list[tuple[str, bytes]]):
-        from .batch import predict_tolerant
-
         probs, failures = predict_tolerant(backend, len(uploads), lambda i: decode(uploads[i][1], uploads[i][0]),
                                            workers=0)
         if all(exc is not None for exc in failures):
@@ -218,8 +217,6 @@ def create_app(model_path, workers: int = 2, queue: int = 8, timeout: float = 30
         return probs, failures
 
     def heatmap_job(name: str, data: bytes, label: int, method: str) -> tuple[float, bytes]:
-        from .overlay import overlay_png
-
         fitted = decode(data, name)
         probs, heat = backend.heatmaps(fitted, [label], method)
         return float(probs[label]), overlay_png(fitted, heat[0])
@@ -292,8 +289,6 @@ def create_app(model_path, workers: int = 2, queue: int = 8, timeout: float = 30
 
     @app.get("/docs", include_in_schema=False)
     async def docs():
-        from .api_reference import api_reference_html
-
         return HTMLResponse(api_reference_html(app.openapi()))
 
     @app.get("/", include_in_schema=False)

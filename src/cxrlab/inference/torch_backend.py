@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..errors import CxrlabError
+from .heatmaps import gradcam_maps, label_heatmaps
 
 
 class TorchBackend:
@@ -38,8 +39,6 @@ class TorchBackend:
     def methods(self) -> tuple[str, ...]:
         """``native`` when the head (every member of an ensemble) has maps of its own; Grad-CAM always."""
         if self._methods is None:
-            from .heatmaps import label_heatmaps
-
             try:
                 label_heatmaps(self.model, torch.zeros(1, 1, self.size, self.size, device=self.device))
                 native = ("native",)
@@ -50,8 +49,6 @@ class TorchBackend:
 
     def heatmaps(self, fitted: np.ndarray, labels: list[int], method: str) -> tuple[np.ndarray, np.ndarray]:
         """(probabilities L, heatmaps K×S×S in [0, 1]) of one fitted image for the labels asked."""
-        from .heatmaps import gradcam_maps, label_heatmaps
-
         x = self._input(fitted[None])
         if method == "native":
             maps = label_heatmaps(self.model, x)[1][0, labels]

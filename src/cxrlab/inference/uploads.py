@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data.preprocess import preprocess
 from ..errors import CxrlabError
 from ..model_card import InputSpec
 
@@ -59,8 +60,6 @@ def declared_size(data: bytes, kind: str, name: str) -> tuple[int, int, int]:
 def decode_upload(data: bytes, name: str, spec: InputSpec, max_pixels: int = MAX_PIXELS, tmp_root=None) -> np.ndarray:
     """The uploaded file as the uint8 input ``spec`` describes; an :class:`UploadError` naming ``name``
     otherwise."""
-    from ..data.preprocess import preprocess
-
     kind = sniff(data)
     if kind is None:
         start = data[:8].hex(" ") if data else "nothing"

@@ -35,7 +35,7 @@ def calibrate(model: Path, data: str, out: Path, temperature: bool = False, meth
 
 def ensemble(checkpoints: list[Path], out: Path, weights: str | None = None) -> Path:
     """An ensemble folder of ``checkpoints``; ``weights``: comma-separated positive numbers, one each."""
-    from ..ensemble import build_ensemble  # lazy: start-up time (torch)
+    from .ensemble import build_ensemble  # lazy: start-up time (torch)
 
     values = None
     if weights:
