@@ -39,7 +39,7 @@ def test_paper_recipes_follow_their_protocols():
     lcl = load_recipe("lcl_chexpert")
     assert (lcl.data.policy, lcl.data.image_size, lcl.data.split, lcl.data.repeats, lcl.data.folds) == \
         ("u_ones", 224, "cv", 3, 5)
-    assert lcl.model.head == "lcl" and set(lcl.loss) == {"weighted_bce", "lcl_consistency", "lcl_supcon"}
+    assert lcl.model.head == "lcl" and set(lcl.loss) == {"lcl_branches", "lcl_consistency", "lcl_supcon"}
     baseline = load_recipe("lcl_chexpert_bce")
     assert baseline.model.head == "linear" and baseline.model.head_args == {}  # head args are not inherited
     assert (baseline.data, baseline.optim, baseline.train) == (lcl.data, lcl.optim, lcl.train)
