@@ -44,8 +44,8 @@ def timed_rate(fn, min_seconds: float = 2.0) -> float:
 
 
 def raw_rate(path: Path, size: int) -> float:
-    from cxrlab.data.cache import fit_image
     from cxrlab.data.images import read_image
+    from cxrlab.data.preprocess import fit_image
 
     def one() -> int:
         fit_image(read_image(path), size)
@@ -167,8 +167,12 @@ def interleaved_rates(fns: dict, rounds: int = 7, seconds: float = 1.0) -> dict[
 
 
 def decode_before_after(work: Path, size: int) -> dict[str, float]:
-    from cxrlab.data.cache import fit_image
-    from cxrlab.data.images import TOLERANCE, read_fitted, read_image
+    from cxrlab.data.images import TOLERANCE, read_image
+    from cxrlab.data.preprocess import fit_image, preprocess
+    from cxrlab.model_card import InputSpec
+
+    def read_fitted(path, size):  # the one preprocessing path (what prepare stores)
+        return preprocess(InputSpec(size), path)
 
     files = dataset_like_files(work)
     print(f"## prepare decoding at {size} px, one core: exact path (before) vs read_fitted (after)")
