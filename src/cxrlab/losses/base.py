@@ -63,6 +63,9 @@ class LossTerm(nn.Module):
     """
 
     requires: ClassVar[frozenset[str]] = frozenset()
+    # a term's own trainable parameters (e.g. ROLE's label matrix) form an optimiser group of their own
+    lr_multiplier: ClassVar[float] = 1.0
+    weight_decay: ClassVar[float] = 0.0
 
     def __init__(self, ctx: LossContext | None = None):
         # None: a term that needs no training-set statistics (BCE, focal, ASL) is built without them;
