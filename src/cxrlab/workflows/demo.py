@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import load_recipe
-from .experiment import prepare_data, run
+from .experiment import check_parts, prepare_data, run
 from .predict import predict_files
 
 
@@ -15,6 +15,7 @@ def run_demo(out_dir: Path, overrides: list[str] = ()) -> dict:
     start = time.perf_counter()
     out_dir = Path(out_dir)
     recipe = load_recipe("demo", [f"data.cache_dir={out_dir / 'cache'}", *overrides])
+    check_parts(recipe)  # a misfit head, loss or regime fails now, not after preparing the data
     print(f"[1/4] preparing {recipe.data.source} at {recipe.data.image_size} px")
     data = prepare_data(recipe)
     print(f"[2/4] training {recipe.model.backbone} + {recipe.model.head} head, loss {recipe.loss}, "
