@@ -11,22 +11,22 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..checkpoint import load_model, read_card
+from .. import checkpoint as ckpt
 from ..errors import CxrlabError
 from ..evaluation.plots import plot_matrices
 from ..models import CxrModel
 from ..models.heads.prototype import PrototypeHead
 from ..models.text import cosine_matrix
+from ..registry import HEADS
 
 
 def prototype_similarities(checkpoint: Path) -> dict:
     """``{"labels", "prototypes" (L×L cosines of q), "text" (L×L cosines of the stored text vectors),
     "r_offdiagonal" (Pearson r of their off-diagonal entries), "kappa", "text_encoder"}``."""
-    model, info = load_model(Path(checkpoint))
-    card = read_card(Path(checkpoint))
+    model, info = ckpt.load_model(Path(checkpoint))
     head = model.head if isinstance(model, CxrModel) else None  # an ensemble has no one head
     if not isinstance(head, PrototypeHead):
-        used = card.head
+        used = "ensemble" if head is None else HEADS.name_of(type(head)) or type(head).__name__
         raise CxrlabError(f"checkpoint {checkpoint} has head {used!r}: `cxrlab prototypes` needs one trained "
                           "with model.head=prototype")
     with torch.no_grad():
@@ -36,7 +36,7 @@ def prototype_similarities(checkpoint: Path) -> dict:
     off = ~np.eye(len(q), dtype=bool)
     a, b = learned[off], given[off]
     r = float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else float("nan")
-    return {"labels": list(card.labels), "prototypes": learned, "text": given, "r_offdiagonal": r,
+    return {"labels": list(info["labels"]), "prototypes": learned, "text": given, "r_offdiagonal": r,
             "kappa": float(head.kappa.detach()), "text_encoder": info.get("label_text")}
 
 
