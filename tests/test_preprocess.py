@@ -149,6 +149,22 @@ def test_onnx_checkpoint_and_server_agree(files, models, tmp_path, name):
     assert np.abs(served - a).max() <= 1e-5
 
 
+def test_an_unreadable_file_is_named_or_kept_as_its_row(files, models, tmp_path):
+    """predict_paths (strict) names the file; the tolerant batch predictor gives the others their rows."""
+    from cxrlab.inference.batch import predict_tolerant
+
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(files[1].read_bytes()[:2000])
+    predictor = Predictor.from_onnx(models["plain"][1])
+    with pytest.raises(CxrlabError, match="cannot read image .*broken.jpg"):
+        predictor.predict_paths([files[0], broken])
+    paths = [files[0], broken, files[2]]
+    probs, failures = predict_tolerant(predictor, 3, lambda i: predictor.fit(paths[i]), batch_size=2)
+    assert np.isnan(probs[1]).all() and not np.isnan(probs[[0, 2]]).any()
+    assert failures[0] is None and failures[2] is None and "broken.jpg" in str(failures[1])
+    np.testing.assert_allclose(probs[[0, 2]], predictor.predict_paths([files[0], files[2]]), atol=1e-7)
+
+
 def test_preprocess_of_arrays_and_bad_input(files):
     spec = InputSpec(32, "crop")
     gray = np.linspace(0, 1, 40 * 60, dtype=np.float32).reshape(40, 60)

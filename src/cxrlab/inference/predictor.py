@@ -100,10 +100,6 @@ class Predictor:
         return self.backend.model
 
     @property
-    def device(self):
-        return getattr(self.backend, "device", "cpu")
-
-    @property
     def threshold_source(self) -> str:
         return self.card.threshold_source
 
