@@ -10,8 +10,6 @@ ensemble's map is the weighted mean of its members' maps.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 import torch.nn.functional as F
