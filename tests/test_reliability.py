@@ -192,9 +192,12 @@ def test_disk_full_while_checkpointing(tmp_path, monkeypatch):
 
     from cxrlab import checkpoint as ckpt
 
+    from cxrlab.config import Recipe
+
     folder = tmp_path / "run" / "last"
     weights = {"model.w": torch.arange(6.0)}
-    ckpt.save_checkpoint(folder, weights, {}, {}, {"epoch": 1}, also=tmp_path / "run" / "best")
+    info = {"labels": ["a"], "recipe": Recipe().to_dict()}  # what a card is made from
+    ckpt.save_checkpoint(folder, weights, {}, {}, {**info, "epoch": 1}, also=tmp_path / "run" / "best")
     before = {p.name: sha(p) for p in folder.iterdir()}
     real = safetensors.torch.save_file
 
@@ -204,7 +207,7 @@ def test_disk_full_while_checkpointing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(safetensors.torch, "save_file", full)
     with pytest.raises(CxrlabError, match=r"cannot write checkpoint .*last.*disk full.*previous checkpoint .* intact"):
-        ckpt.save_checkpoint(folder, {"model.w": torch.zeros(6)}, {}, {}, {"epoch": 2},
+        ckpt.save_checkpoint(folder, {"model.w": torch.zeros(6)}, {}, {}, {**info, "epoch": 2},
                              also=tmp_path / "run" / "best")
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["best", "last"]  # no temp folder left
     assert {p.name: sha(p) for p in folder.iterdir()} == before

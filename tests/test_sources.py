@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import gzip
 import os
-import sys
 import types
 
 import numpy as np
@@ -393,7 +392,9 @@ def test_synthetic_is_delegated(monkeypatch):
                              "view": ["PA", "LL"]})
         return Records("synthetic", LabelSpace("two", ("a", "b")), np.zeros((2, 2), np.float32), meta)
 
-    monkeypatch.setitem(sys.modules, "cxrlab.data.synthetic", types.SimpleNamespace(load_synthetic=load_synthetic))
+    import cxrlab.data.sources as sources
+
+    monkeypatch.setattr(sources, "load_synthetic", load_synthetic)
     assert len(parse_source("synthetic:200")) == 2 and calls == ["200"]
     assert parse_source("synthetic:200", views="lateral").meta["path"].tolist() == ["s1"]
 
