@@ -40,12 +40,6 @@ CLI_MAY_IMPORT = ("cxrlab.cli", "cxrlab.workflows", "cxrlab.config", "cxrlab.err
 # stale-entry test below. The lead empties this list when issue 21 closes.
 # For a cycle, one of its imports is named; the cycle check leaves it out.
 KNOWN: dict[tuple[str, str], str] = {}
-# Imports of cxrlab modules inside functions without a "# lazy: <reason>" comment, per file: a ceiling
-# while the files' owners add reasons or move the imports to the top. Files not listed may have none.
-UNEXPLAINED_LAZY: dict[str, int] = {
-    "cli/__init__.py": 1, "evaluation/paired.py": 1, "metrics/significance.py": 2, "models/text.py": 2,
-    "workflows/cross_validation.py": 13, "workflows/experiment.py": 27, "workflows/tuning.py": 1,
-}
 
 
 @dataclass(frozen=True)
@@ -219,10 +213,10 @@ def test_cli_imports_only_workflows_config_and_errors():
 def test_imports_inside_functions_say_why():
     files = package_files()
     counts = unexplained_lazy(read_imports(files))
-    over = [f"{file_of(m, files)}: {n} (allowed {UNEXPLAINED_LAZY.get(file_of(m, files), 0)})"
-            for m, n in sorted(counts.items()) if n > UNEXPLAINED_LAZY.get(file_of(m, files), 0)]
-    assert not over, ("imports of cxrlab modules inside functions need a `# lazy: <reason>` comment (an "
-                      "optional dependency or start-up time), or move to the top of the file:\n" + "\n".join(over))
+    unexplained = [f"{file_of(m, files)}: {n}" for m, n in sorted(counts.items())]
+    assert not unexplained, (
+        "imports of cxrlab modules inside functions need a `# lazy: <reason>` comment (an optional dependency "
+        "or start-up time), or move to the top of the file:\n" + "\n".join(unexplained))
 
 
 def test_every_known_violation_still_exists():

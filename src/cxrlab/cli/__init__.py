@@ -171,7 +171,7 @@ def _cv(args) -> int:
 
 
 def _compare(args) -> int:
-    from ..workflows.cross_validation import compare
+    from ..workflows.cross_validation import compare  # lazy: start-up time (torch), for every command
 
     cv = _parse_cv(args.cv) if args.cv else None
     paths = compare(args.recipes, args.out, data=args.data, cv=cv, seeds=args.seeds,

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import CxrlabError, unknown
+from ..metrics.significance import delong_test, paired_bootstrap
 
 PREDICTIONS = Path("report") / "test_predictions.csv"
 
@@ -69,8 +70,6 @@ def paired_significance(run_dirs: dict, reference: str, targets: pd.DataFrame, m
 
     ``run_dirs`` maps recipe name → its run directories in matching order (seeds or folds).
     """
-    from ..metrics.significance import delong_test, paired_bootstrap
-
     if reference not in run_dirs:
         raise unknown("reference recipe", reference, list(run_dirs))
     out = {}

@@ -19,6 +19,7 @@ import math
 import numpy as np
 
 from ..errors import CxrlabError
+from .multilabel import _AucPlan, _names, _percentile_ci, _row_nanmean, check_inputs
 
 
 def _midranks(x: np.ndarray) -> np.ndarray:
@@ -43,8 +44,6 @@ def _structural_components(scores: np.ndarray, positive: np.ndarray):
 
 
 def _inputs(probs_a, probs_b, targets, mask, label_names, clusters):
-    from .multilabel import _names, check_inputs  # lazily: the metrics package is being laid out
-
     a, t, known = check_inputs(probs_a, targets, mask, label_names)
     b, _, _ = check_inputs(probs_b, targets, mask, label_names)  # same targets, so the same shape
     if clusters is None:
@@ -166,8 +165,6 @@ def paired_bootstrap(probs_a, probs_b, targets, mask=None, label_names=None, clu
     give difference 0 in every resample and p = 1. Per resample, the macro averages skip labels without
     both classes in it (for both predictors alike).
     """
-    from .multilabel import _AucPlan, _percentile_ci, _row_nanmean
-
     a, b, positive, known, names, codes = _inputs(probs_a, probs_b, targets, mask, label_names, clusters)
     if int(resamples) < 1:
         raise CxrlabError(f"resamples must be >= 1; got {resamples}")

@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CxrlabError, unknown
-from ..labels_text import LabelText
+from ..labels_text import LabelText, label_texts
+from ..registry import HEADS
 from ..serialization import sha256_file
 from .heads.base import Capability
 
@@ -282,8 +283,6 @@ def encode_labels(texts: list[LabelText], spec: str = "hashed", args: dict | Non
 def label_embeddings(label_names, model_config, cache_dir: Path | None = None) -> tuple[np.ndarray, dict]:
     """Vectors and identity for a recipe's labels: its ``model.text_encoder``, ``text_encoder_args`` and
     ``label_descriptions`` overrides (what the pipeline hands to the ``prototype`` head)."""
-    from ..labels_text import label_texts
-
     texts = label_texts(list(label_names), getattr(model_config, "label_descriptions", None))
     return encode_labels(texts, getattr(model_config, "text_encoder", "hashed"),
                          getattr(model_config, "text_encoder_args", None), cache_dir)
@@ -299,8 +298,6 @@ def cache_root(data_cache_dir: str | None) -> Path:
 def check_label_text(recipe) -> None:
     """Fail early (before data is prepared) on an unknown encoder, bad arguments, a missing hf: model or
     a label description override that names no label; nothing is encoded. A no-op for other heads."""
-    from ..registry import HEADS
-
     if Capability.LABEL_TEXT not in HEADS.get(recipe.model.head).capabilities:
         return
     get_encoder(recipe.model.text_encoder, recipe.model.text_encoder_args)

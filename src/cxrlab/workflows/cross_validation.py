@@ -4,16 +4,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..checkpoint import latest, read_info
 from ..config import Recipe, load_recipe
+from ..data.splits import read_manifest, repeated_kfold, write_manifest
 from ..errors import CxrlabError, unknown
-from ..serialization import to_jsonable
+from ..evaluation.paired import paired_significance, significance_markdown
+from ..evaluation.tables import aggregate, write_comparison
+from ..serialization import to_jsonable, write_json
+from .experiment import check_parts, prepare_data, run
+from .tuning import make_search, parse_grid, summarize, tune_run
 
 
 def make_manifest(recipe: Recipe, data, repeats: int, folds: int, out_file: Path):
     """The R×K patient-disjoint, multi-label-stratified manifest for ``data`` (written to ``out_file``),
     or the one named by ``data.folds_file`` (from ``cxrlab data split``), checked against the data."""
-    from ..data.splits import repeated_kfold, write_manifest
-
     if recipe.data.folds_file:
         return load_folds_file(recipe.data.folds_file, data, out_file)
     manifest = repeated_kfold(data.index["path"].to_numpy(), data.index["patient_id"].to_numpy(),
@@ -27,8 +31,6 @@ def load_folds_file(path, data, copy_to: Path | None = None):
     """A fold manifest written by ``cxrlab data split``, checked: patient-disjoint folds, and every image
     of ``data`` listed once per repeat under the patient the data gives it."""
     import pandas as pd
-
-    from ..data.splits import read_manifest, write_manifest
 
     path = Path(path)
     if not path.is_file():
@@ -63,8 +65,6 @@ def run_cv(recipe: Recipe, out_dir: Path, repeats: int, folds: int, data=None, m
     With ``search`` (``tuning.Search``) each fold trains every candidate and reports the one chosen on
     validation (``tuning.tune_run``); the summary then also holds ``tuning``. ``run_dirs`` in the returned
     summary are the folds' reported runs."""
-    from .experiment import check_parts, prepare_data
-
     check_parts(recipe)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -86,17 +86,12 @@ def run_cv(recipe: Recipe, out_dir: Path, repeats: int, folds: int, data=None, m
 def _run_fold(recipe: Recipe, search, run_dir: Path, **kwargs) -> tuple[dict, Path, dict | None]:
     """(test metrics, reported run folder, tuning record) of one fold or seed: the run itself, or with a
     search the candidate chosen on validation."""
-    from .tuning import tune_run
-
     if search is None:
         return _run_once(recipe, run_dir, **kwargs), run_dir, None
     return tune_run(search, run_dir, _run_once, **kwargs)
 
 
 def _summary(runs: list, search) -> dict:
-    from ..evaluation.tables import aggregate
-    from .tuning import summarize
-
     summary = aggregate([metrics for metrics, _, _ in runs])
     if search is not None:
         summary["tuning"] = summarize(search.grid, [record for _, _, record in runs])
@@ -116,10 +111,6 @@ def compare(recipes: list[str], out_dir: Path, data: str | None = None, cv: tupl
     With ``tune`` (``KEY=V1,V2,...`` specs) every recipe searches the same grid in every fold or seed and
     reports the candidate chosen on validation (``workflows.tuning``); the tests use the chosen runs.
     """
-    from .experiment import check_parts, prepare_data
-    from .tuning import make_search, parse_grid
-    from ..evaluation.tables import write_comparison
-
     extra = list(overrides) + ([f"data.source={data}"] if data else [])
     grid = parse_grid(list(tune)) if tune else None
     loaded, searches = {}, {}
@@ -187,9 +178,6 @@ def _write_significance(run_dirs: dict, reference: str, data, out_dir: Path, md_
     """Paired tests against the reference, scored on the reference's evaluation labels."""
     import pandas as pd
 
-    from ..evaluation.paired import paired_significance, significance_markdown
-    from ..serialization import write_json
-
     cols = data.eval_columns
     paths = data.index["path"].to_numpy()
     names = list(data.eval_labels.names)
@@ -209,9 +197,6 @@ def _run_once(recipe: Recipe, run_dir: Path, **kwargs) -> dict:
     """The test metrics of one run. A run already finished in ``run_dir`` is read back, and one that was
     interrupted is resumed from its last checkpoint, so a cross-validation or comparison continues where
     it stopped; either must come from the same recipe, else stale numbers would be reported."""
-    from ..checkpoint import latest, read_info
-    from .experiment import run
-
     done = run_dir / "report" / "metrics.json"
     if done.is_file():
         _check_same_recipe(recipe, _read_json(run_dir / "report" / "config.json"), run_dir)

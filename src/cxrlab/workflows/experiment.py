@@ -13,9 +13,22 @@ import numpy as np
 import pandas as pd
 from torch import nn
 
+from .. import checkpoint as ckpt
 from ..config import Recipe
-from ..errors import CxrlabError
+from ..data.dataset import ImageSet
 from ..data.prepared import PreparedData, prepare_data, split_rows  # noqa: F401 (re-exported for callers)
+from ..data.transforms import build_augment, parse_spec
+from ..engine import distributed as dist
+from ..engine.trainer import Trainer, make_loader, seed_everything
+from ..errors import CxrlabError, unknown
+from ..labels import label_cooccurrence
+from ..losses.base import LossContext, Objective
+from ..metrics import fit_thresholds, multilabel_report
+from ..models import build_from_config, check_model, heads_where
+from ..models.heads.base import Capability
+from ..models.parts import freeze, freeze_names, init_from_spec, load_parts
+from ..models.text import attach_label_text, check_label_text
+from ..registry import HEADS, LOSSES, REGIMES
 
 
 @dataclass
@@ -33,12 +46,6 @@ class RunResult:
 def check_parts(recipe: Recipe) -> None:
     """Fail on a misspelt backbone, head, loss, regime or argument before any data is prepared
     (preparing a real dataset can take an hour)."""
-    from ..data.transforms import parse_spec
-    from ..errors import unknown
-    from ..models import check_model
-    from ..models.text import check_label_text
-    from ..registry import LOSSES, REGIMES
-
     check_model(recipe.model)  # backbone name(s), head, head arguments, one map or several
     _check_init_and_freeze(recipe.model)
     check_label_text(recipe)  # DWML prototype head: text encoder name, arguments, hf: model on disk
@@ -61,9 +68,6 @@ def check_parts(recipe: Recipe) -> None:
 def check_contracts(recipe: Recipe) -> None:
     """Refuse a head, regime and loss terms that do not fit together, in one line naming both sides and
     the heads (or regimes) that would fit: each part declares what it provides and requires."""
-    from ..models import heads_where
-    from ..registry import HEADS, LOSSES, REGIMES
-
     head, regime = recipe.model.head, recipe.regime.name
     head_cls, regime_cls = HEADS.get(head), REGIMES.get(regime)
     if regime_cls.one_feature_map and head_cls.takes_several_maps():
@@ -96,12 +100,6 @@ def build_parts(recipe: Recipe, data: PreparedData, train_rows: np.ndarray, fold
     """Model, objective and regime for a recipe, with the loss context from the training rows; the model
     starts from ``model.init_from`` (of this ``fold`` when its path says ``{fold}``) and has
     ``model.freeze`` frozen."""
-    from ..data.transforms import build_augment
-    from ..losses.base import LossContext, Objective
-    from ..models import build_from_config
-    from ..registry import REGIMES
-    from ..engine.trainer import seed_everything
-
     seed_everything(recipe.train.seed)  # model init and regime modules are part of the seeded run
     m = recipe.model
     model = build_from_config(m, len(data.labels))
@@ -109,8 +107,6 @@ def build_parts(recipe: Recipe, data: PreparedData, train_rows: np.ndarray, fold
     full = data.full_target[train_rows] if data.full_target is not None else None
     ctx = LossContext.from_targets(data.labels.names, data.target[train_rows], data.mask[train_rows], full)
     model.head.set_cooccurrence(ctx.cooccurrence)  # a no-op for heads without the cooccurrence capability
-    from ..models.text import attach_label_text
-
     attach_label_text(model, recipe, data.labels.names)  # label text vectors for the prototype head (DWML)
     objective = Objective(recipe.loss, ctx)
     regime_cls = REGIMES.get(recipe.regime.name)
@@ -129,9 +125,6 @@ def build_parts(recipe: Recipe, data: PreparedData, train_rows: np.ndarray, fold
 
 def _check_init_and_freeze(m) -> None:
     """The form of model.freeze / model.init_from, and that a fixed init_from checkpoint exists."""
-    from .. import checkpoint as ckpt
-    from ..models.parts import freeze_names, init_from_spec
-
     freeze_names(m.freeze)
     spec = init_from_spec(m.init_from)
     if spec is not None and "{fold}" not in spec[0]:
@@ -139,9 +132,6 @@ def _check_init_and_freeze(m) -> None:
 
 
 def _init_and_freeze(model: nn.Module, m, fold: tuple[int, int] | None) -> None:
-    from .. import checkpoint as ckpt
-    from ..models.parts import freeze, init_from_spec, load_parts
-
     spec = init_from_spec(m.init_from)
     if spec is not None:
         path, parts = spec
@@ -159,15 +149,7 @@ def run(recipe: Recipe, out_dir: Path, resume: bool = False, data: PreparedData 
         manifest: pd.DataFrame | None = None, fold: tuple[int, int] | None = None,
         progress: bool = True) -> "RunResult":
     """Train on the train part, select on val, fit thresholds on val, and report on test."""
-    from ..data.dataset import ImageSet
-    from ..metrics import multilabel_report
-    from ..evaluation.report import write_report
-    from ..metrics import fit_thresholds
-    from ..checkpoint import set_thresholds
-    from ..engine.trainer import Trainer, make_loader
-    from ..models.heads.base import Capability
-
-    from ..engine import distributed as dist
+    from ..evaluation.report import write_report  # lazy: start-up time (matplotlib)
 
     check_parts(recipe)
     out_dir = Path(out_dir)
@@ -225,7 +207,7 @@ def run(recipe: Recipe, out_dir: Path, resume: bool = False, data: PreparedData 
                          fit.history)
     thresholds_all = np.full(len(data.labels), 0.5)
     thresholds_all[data.eval_columns] = thresholds
-    set_thresholds(fit.checkpoint, thresholds_all.tolist())
+    ckpt.set_thresholds(fit.checkpoint, thresholds_all.tolist())
     train_rows = parts["train"]
     head = trainer.model.head
     if Capability.CORRELATION in head.capabilities:  # label-level heads: how the learned G relates to the data
@@ -247,8 +229,7 @@ def _plot_correlation(path: Path, head, data: PreparedData, train_rows: np.ndarr
     """The head's learned global label correlation G next to the training labels' co-occurrence
     P(j | i), both row-normalised with the diagonal blanked, so their off-diagonal structure compares.
     Returns the Pearson correlation of their off-diagonal entries (NaN if either is constant)."""
-    from ..labels import label_cooccurrence
-    from ..evaluation.plots import plot_matrices
+    from ..evaluation.plots import plot_matrices  # lazy: start-up time (matplotlib)
 
     def offdiag(m: np.ndarray) -> np.ndarray:
         m = np.array(m, dtype=np.float64)

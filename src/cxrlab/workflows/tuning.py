@@ -17,6 +17,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..checkpoint import read_info
 from ..config import Recipe, load_recipe
 from ..errors import CxrlabError
 
@@ -116,8 +117,6 @@ def select(scores: list[float | None], higher_is_better: bool = True) -> int:
 def validation_score(run_dir: Path) -> tuple[float | None, str]:
     """(best validation score or None, its metric) of a finished run, as its trainer recorded them in
     ``best/checkpoint.json``; only the validation part enters this number."""
-    from ..checkpoint import read_info
-
     info = read_info(Path(run_dir) / "best")
     score = info.get("trainer", {}).get("score")
     score = float(score) if score is not None and math.isfinite(score) else None
