@@ -125,3 +125,112 @@ def test_a_recipe_on_other_test_images_is_reported_unpaired_not_fatal(tmp_path):
     assert "tested different images" in result["recipes"]["other"]["skipped"]
     text = significance_markdown(result)
     assert "| same |" in text and "| other |" not in text and "Not paired with `ref`: `other`" in text
+
+
+# ---- the default test: the mean over folds of the per-fold differences ----------------------------------
+
+
+def _folds(n=120, k=3, seed=5):
+    """k disjoint folds of n images (ids sort in row order), 2 labels, a recipe better than the reference."""
+    rng = np.random.default_rng(seed)
+    blocks = []
+    for f in range(k):
+        y = (rng.random((n, 2)) < [0.25, 0.4]).astype(float)
+        a = np.clip(0.35 * y + 0.65 * rng.random(y.shape) + 0.1 * f, 0, 1)  # each fold its own score scale
+        b = np.clip(0.2 * y + 0.8 * rng.random(y.shape), 0, 1)
+        ids = np.array([f"img{f}_{i:04d}" for i in range(n)])
+        blocks.append((a, b, y, np.ones_like(y), ids))
+    return blocks
+
+
+def _macro(score, probs, y, full=None):
+    """Macro of ``score`` over labels; a label lacking a class takes ``full``'s value (fixed label set)."""
+    values = []
+    for j in range(y.shape[1]):
+        ok = 0 < y[:, j].sum() < len(y)
+        values.append(score(y[:, j], probs[:, j]) if ok else full[j])
+    return float(np.mean(values)), values
+
+
+def test_fold_paired_test_equals_a_direct_numpy_computation():
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    from cxrlab.metrics.significance import fold_paired_test
+
+    blocks = _folds()
+    res = fold_paired_test(blocks, NAMES, resamples=60, ci=0.9, seed=7)
+    for key, score in (("macro_auc", roc_auc_score), ("map", average_precision_score)):
+        full = [(_macro(score, a, y), _macro(score, b, y)) for a, b, y, _, _ in blocks]
+        per_fold = [fa[0] - fb[0] for fa, fb in full]
+        assert res[key]["per_fold"] == pytest.approx(per_fold)
+        assert res[key]["difference"] == pytest.approx(np.mean(per_fold))
+        assert res[key]["a"] == pytest.approx(np.mean([fa[0] for fa, _ in full]))
+        # the bootstrap by hand: every resample redraws each fold's images within the fold, in fold order
+        rng = np.random.default_rng(7)
+        diffs = []
+        for _ in range(60):
+            d = []
+            for (a, b, y, _, _), (fa, fb) in zip(blocks, full):
+                rows = rng.integers(0, len(y), len(y))
+                d.append(_macro(score, a[rows], y[rows], fa[1])[0] - _macro(score, b[rows], y[rows], fb[1])[0])
+            diffs.append(np.mean(d))
+        diffs = np.array(diffs)
+        assert res[key]["ci"] == pytest.approx(list(np.percentile(diffs, [5, 95])), abs=1e-12)
+        p = min(1.0, 2 * (1 + min((diffs <= 0).sum(), (diffs >= 0).sum())) / 61)
+        assert res[key]["p"] == pytest.approx(p)
+    # DeLong: the mean of the per-fold differences, its variance the sum of per-fold variances over K²
+    folds = [delong_test(a, b, y, m)["macro"] for a, b, y, m, _ in blocks]
+    assert res["delong"]["difference"] == pytest.approx(np.mean([f["difference"] for f in folds]))
+    assert res["delong"]["se"] ** 2 == pytest.approx(sum(f["se"] ** 2 for f in folds) / 9)
+    assert res["delong"]["p"] < 0.05
+
+
+def test_seeds_on_one_test_set_are_not_independent_evidence():
+    from cxrlab.metrics.significance import fold_paired_test
+
+    a, b, y, m, ids = _folds(k=1)[0]
+    one = fold_paired_test([(a, b, y, m, ids)], NAMES, resamples=200, seed=0)
+    three = fold_paired_test([(a, b, y, m, ids)] * 3, NAMES, resamples=200, seed=0)
+    # three identical seeds: the same number, the same uncertainty (one shared draw), not sqrt(3) narrower
+    assert three["macro_auc"]["difference"] == pytest.approx(one["macro_auc"]["difference"])
+    assert three["delong"]["se"] == pytest.approx(one["delong"]["se"])
+    assert three["macro_auc"]["ci"] == pytest.approx(one["macro_auc"]["ci"])
+
+
+def test_default_follows_the_fold_mean_where_pooling_disagrees_in_sign(tmp_path):
+    """Three folds with prevalences 0.2 / 0.5 / 0.8: in every fold the recipe ranks better (+0.13 to
+    +0.17 AUC), but its score scale falls as prevalence rises, so pooled its AUC is far worse."""
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    paths, ys, runs, refs, per_fold = [], [], [], [], []
+    for k, prevalence in enumerate((0.2, 0.5, 0.8)):
+        y = (rng.random((300, 1)) < prevalence).astype(float)
+        b = np.clip(0.3 * y + 0.7 * rng.random(y.shape), 0, 1)
+        a = (0.5 * y + 0.5 * rng.random(y.shape)) * 0.4 + (0.6, 0.3, 0.0)[k]
+        p = [f"/img/{k}_{i}.png" for i in range(300)]
+        cols = ["a"]
+        for name, probs, out in (("new", a, runs), ("ref", b, refs)):
+            df = pd.DataFrame(probs, columns=cols)
+            df.insert(0, "path", p)
+            (tmp_path / name / f"f{k}" / "report").mkdir(parents=True)
+            df.to_csv(tmp_path / name / f"f{k}" / "report" / "test_predictions.csv", index=False)
+            out.append(tmp_path / name / f"f{k}")
+        paths += p
+        ys.append(y)
+        per_fold.append(roc_auc_score(y[:, 0], a[:, 0]) - roc_auc_score(y[:, 0], b[:, 0]))
+    y = np.concatenate(ys)
+    targets = pd.DataFrame(y, index=paths, columns=["a"])
+    mask = pd.DataFrame(np.ones_like(y), index=paths, columns=["a"])
+    run_dirs = {"ref": refs, "new": runs}
+    folds = paired_significance(run_dirs, "ref", targets, mask, resamples=200)
+    pooled = paired_significance(run_dirs, "ref", targets, mask, resamples=200, paired="pooled")
+    f, p = folds["recipes"]["new"]["macro_auc"], pooled["recipes"]["new"]["macro_auc"]
+    assert f["difference"] == pytest.approx(np.mean(per_fold)) and f["difference"] > 0.1
+    assert p["difference"] < -0.3
+    assert f["ci"][0] > 0 and f["p_delong"] < 0.001 and f["p_bootstrap"] < 0.05
+    assert p["ci"][1] < 0  # the pooled test is as sure of the opposite sign
+    assert folds["paired"] == "folds" and "MEAN over matched runs" in significance_markdown(folds)
+    assert "pooled into one set" in significance_markdown(pooled)
+    with pytest.raises(CxrlabError, match="pooled"):
+        paired_significance(run_dirs, "ref", targets, mask, paired="pool")

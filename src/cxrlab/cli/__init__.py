@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", default=None, help="recipe the others are tested against (paired, on the "
                    "same test images; default: the first)")
     p.add_argument("--resamples", type=int, default=1000, help="paired bootstrap resamples (default 1000)")
+    p.add_argument("--paired", default="folds", choices=["folds", "pooled"], help="what the paired test tests: "
+                   "folds = the mean of per-fold differences, the table's number (default); pooled = all runs' "
+                   "predictions scored as one set")
     p.add_argument("--tune", action="append", default=[], metavar="KEY=V1,V2,...",
                    help="search these values for every recipe, in every fold or seed, choosing on the validation "
                    "part (repeatable: the grid is the product)")
@@ -176,7 +179,7 @@ def _compare(args) -> int:
     cv = _parse_cv(args.cv) if args.cv else None
     paths = compare(args.recipes, args.out, data=args.data, cv=cv, seeds=args.seeds,
                     overrides=args.overrides + _folds_file(args), reference=args.reference,
-                    resamples=args.resamples, tune=args.tune)
+                    resamples=args.resamples, tune=args.tune, paired=args.paired)
     print(f"comparison: {paths[0]}")
     return 0
 

@@ -1,11 +1,17 @@
 """Paired significance of a recipe comparison: each recipe against a reference on the same test images.
 
 Every run writes ``report/test_predictions.csv`` (a ``path`` column, then one probability per label).
-Runs are matched by position (seed s with seed s, fold (r, k) with fold (r, k)), their predictions
-aligned by path, and all matched runs pooled into one set of rows. An image tested in several runs
-(several seeds, or several CV repeats) is one cluster: DeLong's variance sums its rows' influence and the
-bootstrap resamples it whole, so its repeats do not count as independent evidence. The differences are
-therefore of the pooled macro AUC / mAP (all runs' rows scored together), recipe minus reference.
+Runs are matched by position (seed s with seed s, fold (r, k) with fold (r, k)) and their predictions
+aligned by path. Two tests, of two different numbers:
+
+- ``folds`` (the default): the mean over folds (or seeds) of the per-fold macro AUC / mAP difference,
+  recipe minus reference: the number comparison.md's table shows (mean of per-fold values). Each fold
+  is scored on its own; the bootstrap redraws images within each fold and DeLong combines the per-fold
+  variances (``metrics.significance.fold_paired_test``).
+- ``pooled``: all matched runs' rows pooled into one set and scored together. An image tested in several
+  runs is one cluster (DeLong sums its rows' influence, the bootstrap resamples it whole). Pooling mixes
+  the score scales of different folds' models, so the pooled AUC can sit below every fold's own and
+  even disagree in sign with the mean of the folds.
 """
 from __future__ import annotations
 
@@ -15,9 +21,10 @@ import numpy as np
 import pandas as pd
 
 from ..errors import CxrlabError, unknown
-from ..metrics.significance import delong_test, paired_bootstrap
+from ..metrics.significance import delong_test, fold_paired_test, paired_bootstrap
 
 PREDICTIONS = Path("report") / "test_predictions.csv"
+PAIRED_TESTS = ("folds", "pooled")
 
 
 def read_predictions(run_dir, label_names) -> pd.DataFrame:
@@ -38,8 +45,8 @@ def read_predictions(run_dir, label_names) -> pd.DataFrame:
     return df.set_index("path")[list(label_names)]
 
 
-def pooled_pairs(runs, reference_runs, targets: pd.DataFrame, mask: pd.DataFrame):
-    """(probs, reference probs, targets, mask, cluster ids) over all matched runs' test rows.
+def matched_blocks(runs, reference_runs, targets: pd.DataFrame, mask: pd.DataFrame) -> list[tuple]:
+    """One (probs, reference probs, targets, mask, image paths) per matched pair of runs.
 
     ``targets``/``mask`` are indexed by image path with one column per label: the labels every run is
     scored on. A pair of runs must have tested exactly the same images.
@@ -60,41 +67,61 @@ def pooled_pairs(runs, reference_runs, targets: pd.DataFrame, mask: pd.DataFrame
         paths = b.index
         blocks.append((a.loc[paths].to_numpy(), b.to_numpy(), targets.loc[paths].to_numpy(),
                        mask.loc[paths].to_numpy(), paths.to_numpy()))
+    return blocks
+
+
+def pooled_pairs(runs, reference_runs, targets: pd.DataFrame, mask: pd.DataFrame):
+    """(probs, reference probs, targets, mask, cluster ids) over all matched runs' test rows, pooled."""
+    blocks = matched_blocks(runs, reference_runs, targets, mask)
     return tuple(np.concatenate([blk[i] for blk in blocks]) for i in range(5))
 
 
 def paired_significance(run_dirs: dict, reference: str, targets: pd.DataFrame, mask: pd.DataFrame,
-                        resamples: int = 1000, ci: float = 0.95, seed: int = 0) -> dict:
-    """recipe → macro AUC and mAP difference against ``reference`` (pooled, see the module docstring),
-    with the paired bootstrap's CI and p-value and, for the macro AUC, DeLong's SE and p-value.
+                        resamples: int = 1000, ci: float = 0.95, seed: int = 0, paired: str = "folds") -> dict:
+    """recipe → macro AUC and mAP difference against ``reference`` with the paired bootstrap's CI and
+    p-value and, for the macro AUC, DeLong's SE and p-value. ``paired``: ``folds`` tests the mean of the
+    per-fold differences (the table's number), ``pooled`` the difference of the pooled scores (see the
+    module docstring).
 
     ``run_dirs`` maps recipe name → its run directories in matching order (seeds or folds).
     """
     if reference not in run_dirs:
         raise unknown("reference recipe", reference, list(run_dirs))
+    if paired not in PAIRED_TESTS:
+        raise unknown("paired test (--paired)", paired, PAIRED_TESTS)
+    names = list(targets.columns)
     out = {}
     for recipe, runs in run_dirs.items():
         if recipe == reference:
             continue
         try:
-            a, b, t, m, clusters = pooled_pairs(runs, run_dirs[reference], targets, mask)
+            blocks = matched_blocks(runs, run_dirs[reference], targets, mask)
         except CxrlabError as exc:  # e.g. a recipe split on other labels: its table row stands, unpaired
             out[recipe] = {"skipped": str(exc)}
             continue
-        names = list(targets.columns)
-        delong = delong_test(a, b, t, m, names, clusters=clusters)["macro"]
-        boot = paired_bootstrap(a, b, t, m, names, clusters=clusters, resamples=resamples, ci=ci, seed=seed)
+        if paired == "folds":
+            boot = fold_paired_test(blocks, names, resamples=resamples, ci=ci, seed=seed)
+            delong = boot["delong"]
+            labels = names
+        else:
+            a, b, t, m, clusters = (np.concatenate([blk[i] for blk in blocks]) for i in range(5))
+            delong = delong_test(a, b, t, m, names, clusters=clusters)["macro"]
+            boot = paired_bootstrap(a, b, t, m, names, clusters=clusters, resamples=resamples, ci=ci, seed=seed)
+            labels = delong["labels"]
         out[recipe] = {
             "macro_auc": {"difference": boot["macro_auc"]["difference"], "ci": boot["macro_auc"]["ci"],
                           "p_bootstrap": boot["macro_auc"]["p"], "p_delong": delong["p"], "se_delong": delong["se"],
                           "recipe": boot["macro_auc"]["a"], "reference": boot["macro_auc"]["b"]},
             "map": {"difference": boot["map"]["difference"], "ci": boot["map"]["ci"],
                     "p_bootstrap": boot["map"]["p"], "recipe": boot["map"]["a"], "reference": boot["map"]["b"]},
-            "runs": len(runs), "rows": int(len(a)), "images": int(boot["n_clusters"]),
-            "delong_labels": delong["labels"],
+            "runs": len(runs), "rows": int(boot["n_rows"]), "images": int(boot["n_clusters"]),
+            "delong_labels": labels,
         }
-    return {"reference": reference, "resamples": int(resamples), "ci": float(ci), "seed": int(seed),
-            "recipes": out}
+        if paired == "folds":
+            out[recipe]["macro_auc"]["per_fold"] = boot["macro_auc"]["per_fold"]
+            out[recipe]["map"]["per_fold"] = boot["map"]["per_fold"]
+    return {"reference": reference, "paired": paired, "resamples": int(resamples), "ci": float(ci),
+            "seed": int(seed), "recipes": out}
 
 
 def _signed(x, digits: int = 4) -> str:
@@ -111,10 +138,7 @@ def significance_markdown(result: dict) -> str:
     """The comparison's significance section (Markdown)."""
     ref, level = result["reference"], int(round(100 * result["ci"]))
     lines = ["", f"## Against the reference `{ref}` (paired, same test images)", "",
-             f"Differences are recipe − {ref} of the macro AUC and mAP of all runs' test predictions pooled "
-             f"(runs matched seed by seed or fold by fold); {level} % CIs and p-values from "
-             f"{result['resamples']} paired bootstrap resamples of images (an image tested in several runs "
-             "is resampled whole), and DeLong's test for the macro AUC with the same clustering.", "",
+             *_method_lines(result, ref, level), "",
              f"| recipe | runs | images | Δ macro AUC [{level} % CI] | p DeLong | p bootstrap "
              f"| Δ mAP [{level} % CI] | p bootstrap |", "|---|---:|---:|---|---:|---:|---|---:|"]
     skipped = {recipe: r["skipped"] for recipe, r in result["recipes"].items() if "skipped" in r}
@@ -128,3 +152,19 @@ def significance_markdown(result: dict) -> str:
                      f"| {_p(auc['p_bootstrap'])} | {cell['ap']} | {_p(ap['p_bootstrap'])} |")
     lines += [f"\nNot paired with `{ref}`: `{recipe}` ({reason})." for recipe, reason in skipped.items()]
     return "\n".join(lines) + "\n"
+
+
+def _method_lines(result: dict, ref: str, level: int) -> list[str]:
+    """What the section's differences are and how they were tested (``paired``: folds or pooled)."""
+    if result.get("paired", "pooled") == "folds":
+        return [f"Test `--paired folds` (default): differences are the MEAN over matched runs (fold by fold or "
+                f"seed by seed) of each run's own macro AUC / mAP difference, recipe − {ref}: the number the "
+                f"table above shows. {level} % CIs and p-values from {result['resamples']} paired bootstrap "
+                "resamples that redraw images within each fold (a label lacking a class in a resample keeps its "
+                "fold value); DeLong's test for the macro AUC combines the folds' variances "
+                "(Var of the mean = Σ per-fold variances / K² for disjoint folds)."]
+    return [f"Test `--paired pooled`: differences are recipe − {ref} of the macro AUC and mAP of all runs' test "
+            f"predictions pooled into one set (runs matched seed by seed or fold by fold), which is NOT the mean "
+            f"of per-fold values in the table above: pooling mixes different models' score scales. {level} % CIs "
+            f"and p-values from {result['resamples']} paired bootstrap resamples of images (an image tested in "
+            "several runs is resampled whole), and DeLong's test for the macro AUC with the same clustering."]

@@ -61,20 +61,13 @@ def _p_normal(z: float) -> float:
     return math.erfc(abs(z) / math.sqrt(2.0)) if math.isfinite(z) else float("nan")
 
 
-def delong_test(probs_a, probs_b, targets, mask=None, label_names=None, clusters=None) -> dict:
-    """DeLong's test of AUC(A) − AUC(B) on the same images, per label and for the macro AUC.
+def _delong_parts(a, b, positive, known, names):
+    """(per-label entries, rows × labels influence, usable label indices) of DeLong's test.
 
-    Returns ``{"per_label": {name: {auc_a, auc_b, difference, se, z, p, n_positive, n_negative}},
-    "macro": {auc_a, auc_b, difference, se, z, p, labels}}``. A label needs two known positives and two
-    known negatives for a variance; other labels get NaN and are left out of the macro. The macro
-    variance is wᵀSw over the 2L AUCs, S built from per-image structural components: within a label it
-    is DeLong's covariance exactly; across labels the images they share carry the correlation.
+    influence[r, j]: row r's share of AUC_a,j − AUC_b,j's deviation, scaled so that the sum of squares
+    over rows is DeLong's variance: (V10 − AUC)/sqrt(m(m−1)) for positives, likewise for negatives.
     """
-    a, b, positive, known, names, codes = _inputs(probs_a, probs_b, targets, mask, label_names, clusters)
-    n_rows, n_labels = a.shape
-    # influence[r, j]: row r's share of AUC_a,j − AUC_b,j's deviation, scaled so that the sum of squares
-    # over rows is DeLong's variance: (V10 − AUC)/sqrt(m(m−1)) for positives, likewise for negatives
-    influence = np.zeros((n_rows, n_labels))
+    influence = np.zeros(a.shape)
     per_label, usable = {}, []
     for j, name in enumerate(names):
         rows = np.flatnonzero(known[:, j])
@@ -91,7 +84,21 @@ def delong_test(probs_a, probs_b, targets, mask=None, label_names=None, clusters
                 influence[rows[~y], j] = ((v01_a - auc_a) - (v01_b - auc_b)) / math.sqrt(n * (n - 1))
                 usable.append(j)
         per_label[name] = entry
-    per_cluster = np.zeros((codes.max() + 1, n_labels))
+    return per_label, influence, usable
+
+
+def delong_test(probs_a, probs_b, targets, mask=None, label_names=None, clusters=None) -> dict:
+    """DeLong's test of AUC(A) − AUC(B) on the same images, per label and for the macro AUC.
+
+    Returns ``{"per_label": {name: {auc_a, auc_b, difference, se, z, p, n_positive, n_negative}},
+    "macro": {auc_a, auc_b, difference, se, z, p, labels}}``. A label needs two known positives and two
+    known negatives for a variance; other labels get NaN and are left out of the macro. The macro
+    variance is wᵀSw over the 2L AUCs, S built from per-image structural components: within a label it
+    is DeLong's covariance exactly; across labels the images they share carry the correlation.
+    """
+    a, b, positive, known, names, codes = _inputs(probs_a, probs_b, targets, mask, label_names, clusters)
+    per_label, influence, usable = _delong_parts(a, b, positive, known, names)
+    per_cluster = np.zeros((codes.max() + 1, a.shape[1]))
     np.add.at(per_cluster, codes, influence)
     for j in usable:
         entry = per_label[names[j]]
@@ -176,8 +183,8 @@ def paired_bootstrap(probs_a, probs_b, targets, mask=None, label_names=None, clu
         plans[name] = ([_AucPlan(p[r, j], positive[r, j], r) for j, r in enumerate(cols)],
                        [_ApPlan(p[r, j], positive[r, j], r) for j, r in enumerate(cols)])
     ones = np.ones((1, a.shape[0]), dtype=np.int32)
-    observed = {name: (_row_nanmean(_score(auc, ones, "auc"))[0], _row_nanmean(_score(ap, ones, "ap"))[0])
-                for name, (auc, ap) in plans.items()}
+    full = {name: (_score(auc, ones, "auc")[0], _score(ap, ones, "ap")[0]) for name, (auc, ap) in plans.items()}
+    observed = {name: (_nanmean(auc), _nanmean(ap)) for name, (auc, ap) in full.items()}
 
     n_clusters = int(codes.max()) + 1
     rng = np.random.default_rng(seed)
@@ -191,19 +198,113 @@ def paired_bootstrap(probs_a, probs_b, targets, mask=None, label_names=None, clu
             drawn = drawn.astype(np.int8)
         counts = drawn[:, codes]  # every row of a drawn cluster, as often as it was drawn
         for m, key in enumerate(("auc", "ap")):
-            per_a, per_b = _score(plans["a"][m], counts, key), _score(plans["b"][m], counts, key)
-            both = np.isfinite(per_a) & np.isfinite(per_b)
-            diffs[start:start + size, m] = (_row_nanmean(np.where(both, per_a, np.nan))
-                                            - _row_nanmean(np.where(both, per_b, np.nan)))
+            diffs[start:start + size, m] = (_fixed_macro(plans["a"][m], counts, key, full["a"][m])
+                                            - _fixed_macro(plans["b"][m], counts, key, full["b"][m]))
     out = {"resamples": int(resamples), "ci": float(ci), "seed": int(seed), "n_rows": int(a.shape[0]),
            "n_clusters": n_clusters}
     for m, key in enumerate(("macro_auc", "map")):
-        d = diffs[:, m][np.isfinite(diffs[:, m])]
-        below, above = int((d <= 0).sum()), int((d >= 0).sum())
-        p = min(1.0, 2.0 * (1 + min(below, above)) / (d.size + 1)) if d.size else float("nan")
-        out[key] = {"a": float(observed["a"][m]), "b": float(observed["b"][m]),
-                    "difference": float(observed["a"][m] - observed["b"][m]),
-                    "ci": _percentile_ci(d, ci), "p": p}
+        out[key] = _summary(observed["a"][m], observed["b"][m], diffs[:, m], ci)
+    return out
+
+
+def _nanmean(values: np.ndarray) -> float:
+    return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+
+
+def _fixed_macro(plans, counts: np.ndarray, key: str, full: np.ndarray) -> np.ndarray:
+    """Per resample, the macro over the labels defined on the full set: a label whose resample lacks a
+    class keeps its full-set value, so every resample averages the same labels as the point estimate."""
+    per = _score(plans, counts, key)
+    return _row_nanmean(np.where(np.isfinite(per), per, full[None, :]))
+
+
+def _summary(a: float, b: float, diffs: np.ndarray, ci: float) -> dict:
+    """Observed values and difference, percentile CI and two-sided bootstrap p of ``diffs``."""
+    d = diffs[np.isfinite(diffs)]
+    below, above = int((d <= 0).sum()), int((d >= 0).sum())
+    p = min(1.0, 2.0 * (1 + min(below, above)) / (d.size + 1)) if d.size else float("nan")
+    return {"a": float(a), "b": float(b), "difference": float(a - b), "ci": _percentile_ci(d, ci), "p": p}
+
+
+def fold_paired_test(blocks, label_names=None, resamples: int = 1000, ci: float = 0.95, seed: int = 0,
+                     chunk_elements: int = 4_000_000) -> dict:
+    """Test the MEAN over folds (or seeds) of the per-fold macro AUC / mAP difference A − B: the number a
+    table of per-fold means shows.
+
+    ``blocks``: one ``(probs_a, probs_b, targets, mask, image_ids)`` per fold, A and B on the same rows.
+    Each fold is scored on its own (its models' score scales never mix with another fold's); the
+    difference is Δ̄ = (1/K) Σ_k Δ_k.
+
+    - DeLong: each fold's macro AUC difference with DeLong's per-image influence (DeLong et al. 1988);
+      an image's influence on Δ̄ is the sum of its per-fold influences over K, and Var Δ̄ the sum of
+      squares over images. Disjoint folds give Σ_k Var Δ_k / K²; folds that test the same images (seeds)
+      add their covariance instead of pretending independence.
+    - Bootstrap (stratified by fold, Efron & Tibshirani 1993 §16): each resample redraws the images of
+      every fold within that fold (n_k draws with replacement from fold k's n_k images); an image tested
+      in several folds is redrawn within the first fold that tests it and that draw serves every fold,
+      so seeds on one test set share one draw. Per fold, a label whose resample lacks a class keeps its
+      full-fold value (fixed label set); Δ̄ of the resample is the mean of its per-fold differences.
+    """
+    if not blocks:
+        raise CxrlabError("fold_paired_test needs at least one fold")
+    if int(resamples) < 1:
+        raise CxrlabError(f"resamples must be >= 1; got {resamples}")
+    if not 0 < ci < 1:
+        raise CxrlabError(f"ci must be between 0 and 1 (e.g. 0.95); got {ci}")
+    folds, ids = [], []
+    for k, (pa, pb, t, m, image_ids) in enumerate(blocks):
+        a, b, positive, known, names, _ = _inputs(pa, pb, t, m, label_names, None)
+        image_ids = np.asarray(image_ids).astype(str)
+        if image_ids.shape != (a.shape[0],):
+            raise CxrlabError(f"fold {k}: {image_ids.shape} image ids for {a.shape[0]} rows")
+        folds.append((a, b, positive, known))
+        ids.append(image_ids)
+    codes_all = np.unique(np.concatenate(ids), return_inverse=True)[1]
+    bounds = np.cumsum([0] + [len(i) for i in ids])
+    codes = [codes_all[bounds[k]:bounds[k + 1]] for k in range(len(ids))]
+    n_images = int(codes_all.max()) + 1
+    first = np.full(n_images, -1)
+    for k in reversed(range(len(codes))):
+        first[codes[k]] = k
+    strata = [np.flatnonzero(first == k) for k in range(len(codes)) if (first == k).any()]
+
+    plans, full, delong_influence, delong_diffs = [], [], np.zeros(n_images), []
+    for (a, b, positive, known), c in zip(folds, codes):
+        cols = [np.flatnonzero(known[:, j]) for j in range(a.shape[1])]
+        fold_plans = {x: ([_AucPlan(p[r, j], positive[r, j], r) for j, r in enumerate(cols)],
+                          [_ApPlan(p[r, j], positive[r, j], r) for j, r in enumerate(cols)]) for x, p in (("a", a), ("b", b))}
+        ones = np.ones((1, a.shape[0]), dtype=np.int32)
+        plans.append(fold_plans)
+        full.append({x: (_score(auc, ones, "auc")[0], _score(ap, ones, "ap")[0])
+                     for x, (auc, ap) in fold_plans.items()})
+        per_label, influence, usable = _delong_parts(a, b, positive, known, names)
+        if usable:
+            delong_diffs.append(float(np.mean([per_label[names[j]]["difference"] for j in usable])))
+            np.add.at(delong_influence, c, influence[:, usable].mean(1))
+    observed = [[float(np.mean([_nanmean(f[x][m]) for f in full])) for x in ("a", "b")] for m in range(2)]
+
+    rng = np.random.default_rng(seed)
+    diffs = np.empty((int(resamples), 2))
+    chunk = max(1, min(int(resamples), chunk_elements // max(n_images, 1)))
+    for start in range(0, int(resamples), chunk):
+        size = min(chunk, int(resamples) - start)
+        counts = np.zeros((size, n_images), dtype=np.int32)
+        for r in range(size):  # resample by resample, stratum by stratum: chunking does not change the draws
+            for stratum in strata:
+                counts[r] += np.bincount(stratum[rng.integers(0, stratum.size, stratum.size)], minlength=n_images)
+        for m, key in enumerate(("auc", "ap")):
+            per_fold = [_fixed_macro(p["a"][m], counts[:, c], key, f["a"][m])
+                        - _fixed_macro(p["b"][m], counts[:, c], key, f["b"][m]) for p, f, c in zip(plans, full, codes)]
+            diffs[start:start + size, m] = np.mean(per_fold, axis=0)
+    out = {"resamples": int(resamples), "ci": float(ci), "seed": int(seed), "folds": len(blocks),
+           "n_rows": int(bounds[-1]), "n_clusters": n_images}
+    for m, key in enumerate(("macro_auc", "map")):
+        out[key] = _summary(observed[m][0], observed[m][1], diffs[:, m], ci)
+        out[key]["per_fold"] = [float(_nanmean(f["a"][m]) - _nanmean(f["b"][m])) for f in full]
+    se = float(math.sqrt((delong_influence ** 2).sum())) / max(len(delong_diffs), 1)
+    difference = float(np.mean(delong_diffs)) if delong_diffs else float("nan")
+    test = _z_and_p(difference, se) if delong_diffs else {"z": float("nan"), "p": float("nan")}
+    out["delong"] = {"difference": difference, "se": se, "folds": len(delong_diffs), **test}
     return out
 
 

@@ -100,13 +100,14 @@ def _summary(runs: list, search) -> dict:
 
 def compare(recipes: list[str], out_dir: Path, data: str | None = None, cv: tuple[int, int] | None = None,
             seeds: int | None = None, overrides: list[str] = (), progress: bool = True,
-            reference: str | None = None, resamples: int = 1000, tune: list[str] = ()):
+            reference: str | None = None, resamples: int = 1000, tune: list[str] = (), paired: str = "folds"):
     """Run several recipes on identical data and splits; write comparison.md and comparison.json.
 
     With ``cv = (R, K)`` every recipe uses the same R×K manifest (made once, from the first recipe's
     labels); with ``seeds = N`` every recipe trains N times (train.seed = 0..N-1) on the recipe split.
     With two or more recipes, each is also tested against ``reference`` (default: the first) on the same
-    test images (``evaluation.paired``: runs matched fold by fold or seed by seed and pooled, the
+    test images (``evaluation.paired``: runs matched fold by fold or seed by seed; ``paired="folds"`` tests
+    the mean of per-fold differences, the table's number, ``"pooled"`` the pooled predictions; the
     reference's evaluation labels); the result goes to significance.json and a comparison.md section.
     With ``tune`` (``KEY=V1,V2,...`` specs) every recipe searches the same grid in every fold or seed and
     reports the candidate chosen on validation (``workflows.tuning``); the tests use the chosen runs.
@@ -157,7 +158,7 @@ def compare(recipes: list[str], out_dir: Path, data: str | None = None, cv: tupl
     paths = write_comparison(results, out_dir, tuning=tuning or None)
     if len(loaded) > 1:
         _write_significance(run_dirs, reference, datasets[reference], out_dir, paths[0], resamples,
-                            seed=loaded[reference].data.seed)
+                            seed=loaded[reference].data.seed, paired=paired)
     return paths
 
 
@@ -174,7 +175,7 @@ def _reference_name(reference: str | None, given: list[str], loaded: dict) -> st
 
 
 def _write_significance(run_dirs: dict, reference: str, data, out_dir: Path, md_path: Path, resamples: int,
-                        seed: int) -> dict:
+                        seed: int, paired: str = "folds") -> dict:
     """Paired tests against the reference, scored on the reference's evaluation labels."""
     import pandas as pd
 
@@ -183,7 +184,7 @@ def _write_significance(run_dirs: dict, reference: str, data, out_dir: Path, md_
     names = list(data.eval_labels.names)
     targets = pd.DataFrame(data.eval_target[:, cols], index=paths, columns=names)
     mask = pd.DataFrame(data.eval_mask[:, cols], index=paths, columns=names)
-    result = paired_significance(run_dirs, reference, targets, mask, resamples=resamples, seed=seed)
+    result = paired_significance(run_dirs, reference, targets, mask, resamples=resamples, seed=seed, paired=paired)
     write_json(out_dir / "significance.json", result)
     md_path.write_text(md_path.read_text() + significance_markdown(result))
     return result
