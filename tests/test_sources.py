@@ -335,12 +335,15 @@ def test_csv_source_relative_paths_and_numeric_label_columns(tmp_path):
 
 def test_csv_source_labels_list_and_stem_patients(tmp_path):
     csv = tmp_path / "l.csv"
-    csv.write_text("path,age,Edema,Mass\na/x.png,63,1,0\nb/y.dcm,70,0,1\n")
+    csv.write_text("path,weight,Edema,Mass,age,sex\na/x.png,63,1,0,63,F\nb/y.dcm,70,0,1,,M\n")
     records = parse_source(f"csv:{csv}", labels=["Mass"])
     assert records.labels.names == ("Mass",)
     assert records.meta["patient_id"].tolist() == ["x", "y"]
-    with pytest.raises(CxrlabError, match="'age'.*not one of 1, 0, -1"):
-        parse_source(f"csv:{csv}")  # without labels=, the numeric 'age' column is taken as a label
+    # age and sex are meta columns (subgroup evaluation), never labels
+    assert records.meta["sex"].tolist() == ["female", "male"]
+    np.testing.assert_array_equal(records.meta["age"], [63.0, np.nan])
+    with pytest.raises(CxrlabError, match="'weight'.*not one of 1, 0, -1"):
+        parse_source(f"csv:{csv}")  # without labels=, the numeric 'weight' column is taken as a label
     with pytest.raises(CxrlabError, match="did you mean 'Edema'"):
         parse_source(f"csv:{csv}", labels=["Edma"])
 

@@ -196,6 +196,9 @@ class TrainConfig:
     find_unused_parameters: bool = False  # DDP: set true when some parameters get no gradient in a step
 
 
+SUBGROUP_ATTRIBUTES = ("sex", "age_band", "view")  # what eval.subgroups may name (metrics/subgroups.py)
+
+
 @dataclass
 class EvalConfig:
     threshold: ThresholdRule = ThresholdRule.F1  # fitted on validation only
@@ -203,6 +206,19 @@ class EvalConfig:
     ci: float = 0.95
     min_positives: int = 10              # a label with fewer test positives is flagged unreliable
     exclude_unreliable: bool = False     # leave flagged labels out of the macro averages
+    # test metrics by subgroup (those the source lacks are skipped); age bands start at these ages
+    subgroups: list = field(default_factory=lambda: list(SUBGROUP_ATTRIBUTES))
+    age_bands: list = field(default_factory=lambda: [40, 60, 80])
+
+    def __post_init__(self):
+        for name in self.subgroups:
+            if name not in SUBGROUP_ATTRIBUTES:
+                hint = closest(str(name), SUBGROUP_ATTRIBUTES)
+                raise CxrlabError(f"config key 'eval.subgroups': {name!r} is not one of "
+                                  f"{', '.join(SUBGROUP_ATTRIBUTES)}" + (f"; did you mean {hint!r}?" if hint else ""))
+        edges = self.age_bands
+        if not all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in edges) or edges != sorted(set(edges)):
+            raise CxrlabError(f"config key 'eval.age_bands': expected increasing ages, e.g. [40, 60, 80]; got {edges!r}")
 
 
 @dataclass

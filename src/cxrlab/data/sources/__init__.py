@@ -3,7 +3,9 @@
 Kinds: ``nih:``, ``chexpert:``, ``mimic:``, ``csv:``, ``folder:`` and ``synthetic:``. Every source
 returns raw label values (1, 0, -1, NaN) and meta columns ``path`` (absolute), ``patient_id``,
 ``study_id``, ``view`` (PA, AP, Lateral, ...), ``frontal_lateral`` (frontal, lateral, other, unknown)
-and, where the dataset has an official split, ``split`` (train, val, test).
+and, where the dataset has an official split, ``split`` (train, val, test); where the label file gives
+them (NIH, CheXpert, a CSV's ``sex``/``age`` columns), ``sex`` (female, male, unknown) and ``age``
+(years, NaN unknown) for subgroup evaluation.
 """
 from __future__ import annotations
 

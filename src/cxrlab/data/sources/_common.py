@@ -121,8 +121,10 @@ def view_group(view: pd.Series) -> np.ndarray:
     return np.where(frontal, "frontal", np.where(lateral, "lateral", np.where(blank, "unknown", "other")))
 
 
-def make_meta(path, patient_id, study_id, view, frontal_lateral=None, split=None) -> pd.DataFrame:
-    """The meta table every source returns (``split`` only where the dataset has an official one)."""
+def make_meta(path, patient_id, study_id, view, frontal_lateral=None, split=None, sex=None,
+              age=None) -> pd.DataFrame:
+    """The meta table every source returns (``split`` only where the dataset has an official one;
+    ``sex`` and ``age`` only where the label file gives them, for subgroup evaluation)."""
     if view is None:
         view = ["unknown"] * len(path)
     view = pd.Series(view, dtype="str").fillna("unknown").replace("", "unknown")
@@ -136,7 +138,23 @@ def make_meta(path, patient_id, study_id, view, frontal_lateral=None, split=None
     }
     if split is not None:
         columns["split"] = pd.Series(split, dtype="str")
+    if sex is not None:
+        columns["sex"] = pd.Series(normal_sex(pd.Series(sex)), dtype="str")
+    if age is not None:
+        columns["age"] = pd.Series(normal_age(pd.Series(age)), dtype="float64")
     return pd.DataFrame({k: v.reset_index(drop=True) for k, v in columns.items()})
+
+
+def normal_sex(sex: pd.Series) -> np.ndarray:
+    """female / male / unknown from M/F (NIH) or Male/Female/Unknown (CheXpert)."""
+    v = sex.astype("str").fillna("").str.strip().str.lower().str[:1]
+    return np.where(v == "f", "female", np.where(v == "m", "male", "unknown"))
+
+
+def normal_age(age: pd.Series) -> np.ndarray:
+    """Age in years; blank, non-numbers and impossible values (NIH lists a few ages of 148-414) → NaN."""
+    years = pd.to_numeric(age, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+    return np.where((years >= 0) & (years <= 120), years, np.nan)
 
 
 def finish(name: str, labels: LabelSpace, values: np.ndarray, meta: pd.DataFrame, views, where) -> Records:

@@ -70,7 +70,8 @@ def _read_split(csv: Path, part: str) -> tuple[np.ndarray, pd.DataFrame]:
                 else pd.Series(pd.NA, index=df.index, dtype="str"))
     view = position.where((group == "frontal") & position.notna() & (position != ""), side)
     meta = make_meta(_absolute(csv.parent, rel), ids[0], ids[0] + "/" + ids[1], view,
-                     frontal_lateral=group, split=pd.Series(part, index=df.index))
+                     frontal_lateral=group, split=pd.Series(part, index=df.index),
+                     sex=df.get("Sex"), age=df.get("Age"))
     return values, meta
 
 

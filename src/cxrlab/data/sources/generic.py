@@ -16,7 +16,7 @@ from ..records import Records
 from ._common import (abspath, finish, first_line, label_matrix, looks_numeric, make_meta, read_table,
                       require_columns, space_for)
 
-META_COLUMNS = ("path", "patient_id", "study_id", "view", "split")
+META_COLUMNS = ("path", "patient_id", "study_id", "view", "split", "sex", "age")
 YES_NO = {"yes", "no", "y", "n", "true", "false", "positive", "negative"}
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validate": "val", "validation": "val",
                "test": "test"}
@@ -25,7 +25,7 @@ SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validate": "val"
 def load_csv(location, views=None, labels=None, duplicates: str = "warn") -> Records:
     """Rows of a CSV: the ``path`` column (required; relative paths are relative to the CSV's folder),
     label columns (``labels`` or every other mostly-numeric column), and optional ``patient_id`` (else
-    the file stem: one patient per image), ``study_id``, ``view``, ``split``.
+    the file stem: one patient per image), ``study_id``, ``view``, ``split``, ``sex``, ``age``.
 
     Labels are 1, 0, -1 or blank; a column of yes/no (true/false) words is an error naming it rather
     than a column silently left out. Exact duplicate rows are counted in a warning (``duplicates="drop"``
@@ -57,7 +57,7 @@ def load_csv(location, views=None, labels=None, duplicates: str = "warn") -> Rec
     paths = (str(csv.parent) + os.sep + rel).where(~rel.str.startswith(os.sep), rel)
     stem = rel.str.replace(r"^.*[/\\]", "", regex=True).str.replace(r"\.[^.]*$", "", regex=True)
     meta = make_meta(paths, _column_or(df, "patient_id", stem), _column_or(df, "study_id", stem),
-                     _column_or(df, "view", None), split=_split(df, csv))
+                     _column_or(df, "view", None), split=_split(df, csv), sex=df.get("sex"), age=df.get("age"))
     if not keep.all():
         meta, values = meta[keep].reset_index(drop=True), values[keep]
     space = labels if isinstance(labels, LabelSpace) else space_for(columns, csv.stem)

@@ -20,6 +20,7 @@ from ._common import abspath, find_file, finish, first_line, make_meta, read_tab
 
 LABEL_FILES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")
 COLUMNS = ("Image Index", "Finding Labels", "Patient ID", "View Position")
+DEMOGRAPHICS = ("Patient Age", "Patient Gender")  # optional: subgroup evaluation only
 SPLIT_FILES = {"train": "train_val_list.txt", "test": "test_list.txt"}
 
 
@@ -33,7 +34,7 @@ def load_nih(location, views=None) -> Records:
         root, csv = location, find_file(location, LABEL_FILES, "nih")
     else:
         raise CxrlabError(f"nih: folder not found: {location}")
-    df = read_table(csv, usecols=lambda c: c in COLUMNS)
+    df = read_table(csv, usecols=lambda c: c in COLUMNS + DEMOGRAPHICS)
     require_columns(df, COLUMNS, csv)
     names = df["Image Index"].astype("str").str.strip()
     values = _finding_matrix(df["Finding Labels"], csv)
@@ -41,7 +42,8 @@ def load_nih(location, views=None) -> Records:
     split = _official_split(root, names)
     view = df["View Position"]
     meta = make_meta(paths, df["Patient ID"].astype("str").str.strip(), names.str.replace(r"\.[^.]*$", "",
-                     regex=True), view, split=split)
+                     regex=True), view, split=split,
+                     sex=df.get("Patient Gender"), age=df.get("Patient Age"))
     return finish("nih", NIH14, values, meta, views, csv)
 
 
