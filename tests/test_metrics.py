@@ -179,3 +179,34 @@ def test_aggregate_mean_std_nan_aware_and_comparison(tmp_path):
     assert table["base"]["auc/b"]["n"] == 2
     text = md.read_text()
     assert "0.8000 ± 0.1000" in text and "| a |" in text and "(n=1)" in text
+
+
+def test_macro_ci_is_over_a_fixed_label_set_and_holds_its_point_estimate():
+    """Issue 24's reproduction: three labels with ~80 positives and one with a single positive. The
+    single-positive label lacks its positive in ~37 % of resamples; averaging the other three there
+    (whose AUC is higher) dragged the interval above the point estimate (was macro 0.618, CI [0.593, 0.803])."""
+    rng = np.random.default_rng(0)
+    n = 400
+    y = (rng.random((n, 4)) < [0.2, 0.2, 0.2, 0.0]).astype(float)
+    y[0, 3] = 1.0  # the single positive
+    p = np.clip(0.25 * y + 0.75 * rng.random((n, 4)), 0, 1)
+    p[0, 3] = 0.02  # ranked below nearly every negative: AUC near 0, far from the other three
+    report = multilabel_report(p, y, bootstrap=500, seed=0)
+    lo, hi = report["macro_auc_ci"]
+    assert report["per_label"]["label_3"]["n_positive"] == 1
+    assert lo <= report["macro_auc"] <= hi
+    # the rule: a resample lacking the positive keeps label_3's full-set AUC; by hand for that case
+    from cxrlab.metrics import bootstrap_auc_ci
+    from cxrlab.metrics.multilabel import fixed_label_macro
+    plans = [_AucPlan(p[:, j], y[:, j]) for j in range(4)]
+    boot = bootstrap_aucs(plans, n, 500, 0)
+    lacking = ~np.isfinite(boot[:, 3])
+    assert 0.25 < lacking.mean() < 0.5
+    full = np.array([pl.auc()[0] for pl in plans])
+    macro = fixed_label_macro(boot, full)
+    assert macro[lacking] == pytest.approx(boot[lacking, :3].sum(1) / 4 + full[3] / 4)
+    assert [lo, hi] == pytest.approx(list(np.percentile(macro, [2.5, 97.5])))
+    # the old rule (drop the label from such resamples) puts the point estimate outside its interval
+    dropped = np.nanmean(boot, axis=1)
+    assert np.percentile(dropped, 97.5) - report["macro_auc"] > 3 * (hi - report["macro_auc"])
+    assert bootstrap_auc_ci(p, y, resamples=500, seed=0)[0] == pytest.approx([lo, hi])

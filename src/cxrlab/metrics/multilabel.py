@@ -17,6 +17,7 @@ import numpy as np
 
 from ..errors import CxrlabError
 from ..serialization import to_jsonable
+from .calibration import DEFAULT_BINS, label_calibration
 
 # the headline metrics every report and comparison shows, in this order
 HEADLINE_METRICS = ("macro_auc", "micro_auc", "map", "macro_f1", "micro_f1", "macro_f1_at_0.5", "micro_f1_at_0.5")
@@ -276,7 +277,7 @@ def _percentile_ci(values: np.ndarray, ci: float) -> list:
 
 def multilabel_report(probabilities, targets, mask=None, label_names=None, thresholds=None,
                       bootstrap: int = 0, ci: float = 0.95, seed: int = 0, min_positives: int = 0,
-                      exclude_unreliable: bool = False) -> dict:
+                      exclude_unreliable: bool = False, calibration_bins: int = DEFAULT_BINS) -> dict:
     """The metrics.json dict: headline metrics, per-label metrics and (with ``bootstrap`` > 0) AUC CIs.
 
     ``thresholds`` (one per label, e.g. from ``fit_thresholds`` on *validation* data) set ``f1``,
@@ -285,6 +286,15 @@ def multilabel_report(probabilities, targets, mask=None, label_names=None, thres
     (its AUC and CI rest on a handful of images); ``exclude_unreliable`` leaves such labels out of the
     macro averages (micro averages pool entries and keep them). Undefined values are ``None`` so the
     dict is exactly what JSON holds.
+
+    Bootstrap CIs resample images with replacement (percentile intervals). The macro AUC's CI is over a
+    fixed label set: in a resample where a label lacks positives or negatives, that label keeps its AUC
+    on the full set, so every resample averages exactly the labels of the point estimate. A per-label CI
+    uses only the resamples in which that label has both classes.
+
+    Calibration (``metrics.calibration``): per-label ``ece`` (``calibration_bins`` equal-mass bins) and
+    ``brier`` over the label's known entries, and their means over labels with known entries,
+    ``mean_ece`` and ``mean_brier`` (the bin count is under ``calibration``).
     """
     p, t, known = check_inputs(probabilities, targets, mask, label_names)
     names = _names(label_names, p.shape[1])
@@ -302,6 +312,7 @@ def multilabel_report(probabilities, targets, mask=None, label_names=None, thres
     f1 = np.where(defined, _f1(c_thr), np.nan)
     f1_half = np.where(defined, _f1(c_half), np.nan)
     unreliable = defined & ((c_thr["tp"] + c_thr["fn"]) < int(min_positives))
+    ece, brier = label_calibration(p, t, known, calibration_bins)
     in_macro = defined & ~unreliable if exclude_unreliable else defined
     report = {
         "macro_auc": _nanmean(auc[in_macro]),
@@ -315,6 +326,9 @@ def multilabel_report(probabilities, targets, mask=None, label_names=None, thres
         "unreliable_labels": [n for n, u in zip(names, unreliable) if u],
         "min_positives": int(min_positives),
         "macro_excludes_unreliable": bool(exclude_unreliable),
+        "mean_ece": _nanmean(ece),
+        "mean_brier": _nanmean(brier),
+        "calibration": {"bins": int(calibration_bins), "binning": "equal-mass"},
         "n_images": int(p.shape[0]),
         "threshold_source": "default 0.5" if thresholds is None else "given per label",
     }
@@ -326,15 +340,24 @@ def multilabel_report(probabilities, targets, mask=None, label_names=None, thres
             "sensitivity": _ratio(c_thr["tp"][j], c_thr["tp"][j] + c_thr["fn"][j]),
             "specificity": _ratio(c_thr["tn"][j], c_thr["tn"][j] + c_thr["fp"][j]),
             "f1_at_0.5": f1_half[j], "reliable": bool(defined[j] and not unreliable[j]),
+            "ece": ece[j], "brier": brier[j],
         }
     if bootstrap:
         boot = bootstrap_aucs(plans, p.shape[0], int(bootstrap), seed)
-        report["macro_auc_ci"] = _percentile_ci(_row_nanmean(boot[:, in_macro]), ci)
+        report["macro_auc_ci"] = _percentile_ci(fixed_label_macro(boot[:, in_macro], auc[in_macro]), ci)
         for j, name in enumerate(names):
             per_label[name]["auc_ci"] = _percentile_ci(boot[:, j], ci)
         report["bootstrap"] = {"resamples": int(bootstrap), "ci": float(ci), "seed": int(seed)}
     report["per_label"] = per_label
     return to_jsonable(report)
+
+
+def fixed_label_macro(boot: np.ndarray, full: np.ndarray) -> np.ndarray:
+    """Per resample, the mean over the same labels as the point estimate: a label whose resample lacks a
+    class (NaN) takes its full-set value ``full``. Without this, a rare label that loses its only
+    positive drops out of some resamples, those resamples average fewer labels, and the interval mixes
+    label sets (it can exclude its own point estimate)."""
+    return _row_nanmean(np.where(np.isfinite(boot), boot, np.asarray(full, dtype=np.float64)[None, :]))
 
 
 def _row_nanmean(a: np.ndarray) -> np.ndarray:
@@ -374,6 +397,7 @@ def bootstrap_auc_ci(probs, targets, mask=None, resamples: int = 1000, ci: float
     plans = [_AucPlan(p[known[:, j], j], t[known[:, j], j], np.flatnonzero(known[:, j])) for j in range(p.shape[1])]
     boot = bootstrap_aucs(plans, p.shape[0], int(resamples), seed)
     defined = np.array([pl.defined for pl in plans])
+    full = np.array([pl.auc()[0] for pl in plans])
     per_label = np.array([[np.nan if v is None else v for v in _percentile_ci(boot[:, j], ci)]
                           for j in range(p.shape[1])])
-    return _percentile_ci(_row_nanmean(boot[:, defined]), ci), per_label
+    return _percentile_ci(fixed_label_macro(boot[:, defined], full[defined]), ci), per_label
