@@ -68,3 +68,27 @@ def test_metrics_json_holds_per_label_and_mean_ece_and_brier():
     eces = [report["per_label"][n]["ece"] for n in "abc"]
     assert report["mean_ece"] == pytest.approx(np.mean(eces))
     assert report["mean_brier"] == pytest.approx(np.mean([report["per_label"][n]["brier"] for n in "abc"]))
+
+
+def test_reliability_diagram_and_calibration_table_in_the_report(tmp_path):
+    from PIL import Image
+
+    from cxrlab.evaluation.plots import plot_reliability
+    from cxrlab.evaluation.report import write_report
+
+    rng = np.random.default_rng(2)
+    names = [f"finding_{j}" for j in range(7)]
+    prevalence = np.linspace(0.05, 0.6, 7)
+    y = (rng.random((600, 7)) < prevalence).astype(float)
+    p = np.clip(prevalence + 0.3 * (y - prevalence) + 0.1 * rng.normal(size=y.shape), 0, 1)
+    p[:, -1] = np.clip(0.5 + 1.6 * (p[:, -1] - 0.5), 0, 1)  # the most prevalent label overconfident
+    path = plot_reliability(tmp_path / "rel.png", p, y, None, names)
+    with Image.open(path) as img:
+        assert img.size[0] > 300 and img.size[1] > 200
+    metrics = multilabel_report(p, y, None, names)
+    md = write_report(tmp_path / "report", metrics, p, y, np.ones_like(y), names).read_text()
+    assert (tmp_path / "report" / "reliability.png").exists() and "reliability.png" in md
+    assert "## Calibration" in md and "ECE over 10 equal-mass bins" in md
+    assert f"| **mean over labels** | {metrics['mean_ece']:.3f} | {metrics['mean_brier']:.3f} |" in md
+    with pytest.raises(CxrlabError, match="shape mismatch"):
+        plot_reliability(tmp_path / "bad.png", p[:, :2], y, None, names[:2])

@@ -9,6 +9,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ..labels import label_cooccurrence
+from ..metrics.calibration import DEFAULT_BINS, expected_calibration_error, reliability_bins
 from ..metrics.multilabel import check_inputs, roc_points
 
 MAX_CURVE_POINTS = 2000  # a 100k-image ROC curve drawn at 2000 points looks the same and saves fast
@@ -107,6 +108,33 @@ def plot_auc_bars(path, per_label: dict) -> Path:
     ax.invert_yaxis()
     ax.set_xlim(0.5 if np.nanmin(np.r_[auc, 1.0]) >= 0.5 else 0.0, 1.0)
     ax.set_xlabel("ROC AUC")
+    return _save(fig, path)
+
+
+def plot_reliability(path, probs, targets, mask, label_names, bins: int = DEFAULT_BINS, top: int = 5) -> Path:
+    """Reliability diagram over equal-mass bins: all labels' known entries pooled, then the ``top`` most
+    prevalent labels; each panel's title gives its ECE, a point is one bin (mean predicted, observed
+    frequency) and the dotted diagonal is perfect calibration."""
+    p, t, known = check_inputs(probs, targets, mask, label_names)
+    prevalence = [t[known[:, j], j].mean() if known[:, j].any() else -1.0 for j in range(p.shape[1])]
+    chosen = [j for j in np.argsort(prevalence, kind="stable")[::-1][:top] if prevalence[j] >= 0]
+    panels = [("all labels pooled", p[known], t[known])]
+    panels += [(f"{label_names[j]} (prevalence {prevalence[j]:.2f})", p[known[:, j], j], t[known[:, j], j])
+               for j in chosen]
+    rows, cols = _grid(len(panels))
+    fig = _figure(2.6 * cols, 2.5 * rows)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, (title, x, y) in zip(axes, panels):
+        curve = reliability_bins(x, y, bins)
+        ax.plot([0, 1], [0, 1], ls=":", c="grey", lw=0.8)
+        ax.plot(curve["mean_predicted"], curve["observed"], "o-", ms=3, lw=1.2, color="tab:blue")
+        ax.set_title(f"{title}\nECE {expected_calibration_error(x, y, bins):.3f}, {x.size} entries", fontsize=8)
+        ax.set(xlim=(0, 1), ylim=(0, 1))
+        ax.tick_params(labelsize=6)
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    fig.supxlabel(f"mean predicted probability ({bins} equal-mass bins)", fontsize=8)
+    fig.supylabel("observed frequency", fontsize=8)
     return _save(fig, path)
 
 

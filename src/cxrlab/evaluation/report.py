@@ -38,6 +38,9 @@ def write_report(out_dir, metrics: dict, probs, targets, mask, label_names, conf
     figures = {"ROC curves": plots.plot_roc_curves(out / "roc_curves.png", probs, targets, mask, names,
                                                    metrics.get("per_label")),
                "Per-label AUC": plots.plot_auc_bars(out / "auc_bars.png", metrics["per_label"])}
+    if "calibration" in metrics:
+        figures["Reliability diagram (equal-mass bins)"] = plots.plot_reliability(
+            out / "reliability.png", probs, targets, mask, names, bins=metrics["calibration"]["bins"])
     if train_targets is not None:
         figures["Training label co-occurrence P(column | row)"] = plots.plot_cooccurrence(
             out / "cooccurrence.png", train_targets, train_mask, names)
@@ -79,6 +82,7 @@ def report_markdown(metrics: dict, label_names, config: dict | None, figures: di
               + (", ".join(undefined) if undefined else "none") + "."]
     lines += _reliability_note(metrics) + [""]
     lines += _per_label_table(metrics["per_label"], label_names)
+    lines += _calibration_table(metrics, label_names)
     for caption, fig in figures.items():
         lines += ["", f"## {caption}", "", f"![{caption}]({Path(fig).name})"]
     return "\n".join(lines) + "\n"
@@ -111,4 +115,20 @@ def _per_label_table(per_label: dict, label_names) -> list[str]:
         lines.append(f"| {shown} | {auc} | {_num(m.get('ap'))} | {_num(m.get('f1'))} | {_num(m.get('threshold'))} "
                      f"| {_num(m.get('sensitivity'))} | {_num(m.get('specificity'))} "
                      f"| {m.get('n_positive', '–')} | {m.get('n_negative', '–')} |")
+    return lines
+
+
+def _calibration_table(metrics: dict, label_names) -> list[str]:
+    """ECE (equal-mass bins, the count stated) and Brier score per label and their means over labels."""
+    if "calibration" not in metrics:
+        return []
+    bins = metrics["calibration"]["bins"]
+    lines = ["", "## Calibration", "", f"ECE over {bins} equal-mass bins of the predicted probability "
+             "(|mean predicted − observed frequency| per bin, weighted by bin size) and Brier score "
+             "(mean squared error of the probability), over each label's known entries; lower is better.", "",
+             "| label | ECE | Brier |", "|---|---:|---:|",
+             f"| **mean over labels** | {_num(metrics.get('mean_ece'))} | {_num(metrics.get('mean_brier'))} |"]
+    for name in label_names:
+        m = metrics["per_label"].get(name, {})
+        lines.append(f"| {name} | {_num(m.get('ece'))} | {_num(m.get('brier'))} |")
     return lines
