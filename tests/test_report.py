@@ -51,7 +51,7 @@ def test_report_writes_all_files_and_round_trips(tmp_path):
 def test_report_without_optional_parts(tmp_path):
     p, t, mask = _set(seed=1)
     write_report(tmp_path, multilabel_report(p, t, mask, NAMES), p, t, mask, NAMES)
-    assert sorted(f.name for f in tmp_path.iterdir()) == ["auc_bars.png", "metrics.json", "report.md", "roc_curves.png"]
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["auc_bars.png", "metrics.json", "reliability.png", "report.md", "roc_curves.png"]
 
 
 def test_cooccurrence_and_side_by_side_matrices(tmp_path):
