@@ -137,3 +137,48 @@ def test_threshold_scales_round_trip():
     np.testing.assert_allclose(scaled_thresholds(unscaled_thresholds(t, temperature), temperature), t)
     assert scaled_thresholds(t, None).tolist() == t.tolist()
     assert unscaled_thresholds([0.5], [4.0])[0] == pytest.approx(0.5)  # logit 0 is fixed by any temperature
+
+
+def test_calibrate_reports_ece_and_brier_before_and_after(tmp_path, capsys):
+    from cxrlab.checkpoint import read_info
+    from cxrlab.cli import main
+    from cxrlab.data.policies import apply_policy
+    from cxrlab.data.sources import parse_source
+    from cxrlab.inference.predictor import Predictor
+    from cxrlab.labels import LabelSpace
+    from cxrlab.metrics import brier_score, expected_calibration_error
+
+    ckpt = tiny_checkpoint(tmp_path / "ckpt", "linear", size=32, thresholds=(0.3, 0.5, 0.6))
+    fit, held = "synthetic:96,size=32,seed=3", "synthetic:64,size=32,seed=4"
+    assert main(["calibrate", str(ckpt), "--data", fit, "--out", str(tmp_path / "site"), "--temperature",
+                 "--holdout", held]) == 0
+    printed = capsys.readouterr().out
+    assert "fitted data: mean ECE" in printed and f"held-out {held}: mean ECE" in printed
+    table = read_info(tmp_path / "site")["calibration"]["before_after"]
+    assert table["bins"] == 10 and table["holdout"]["source"] == held
+    t = np.asarray(read_info(tmp_path / "site")["temperature"])
+    for part, source in (("fitted", fit), ("holdout", held)):
+        # by hand: the original checkpoint's probabilities, then scaled by the fitted temperatures
+        records = parse_source(source)
+        cols = [records.labels.names.index(n) for n in LABELS]
+        result = apply_policy(records.values[:, cols], LabelSpace("t", LABELS), "full")
+        probs = Predictor.from_checkpoint(ckpt, device="cpu").predict(
+            [records.read(int(r)) for r in result.rows]).astype(np.float64)
+        z = np.log(probs) - np.log1p(-probs)
+        for when, p in (("before", probs), ("after", 1 / (1 + np.exp(-z / t)))):
+            known = result.mask > 0
+            ece = [expected_calibration_error(p[known[:, j], j], result.target[known[:, j], j], 10) for j in range(3)]
+            brier = [brier_score(p[known[:, j], j], result.target[known[:, j], j]) for j in range(3)]
+            got = table[part][when]
+            assert got["mean_ece"] == pytest.approx(np.mean(ece), abs=1e-5)
+            assert got["mean_brier"] == pytest.approx(np.mean(brier), abs=1e-5)
+            assert got["per_label"][LABELS[0]]["ece"] == pytest.approx(ece[0], abs=1e-5)
+        assert table[part]["n"] == len(result.rows)
+    # the fitted temperatures minimise the fitted data's cross-entropy; its Brier score follows
+    assert table["fitted"]["after"]["mean_brier"] <= table["fitted"]["before"]["mean_brier"]
+    # thresholds alone do not move probabilities: before equals after; an overlapping hold-out is refused
+    from cxrlab.inference.calibrate import calibrate
+    same = calibrate(ckpt, fit, tmp_path / "thr")["before_after"]["fitted"]
+    assert same["before"] == same["after"]
+    with pytest.raises(CxrlabError, match="overlaps the fitted part"):
+        calibrate(ckpt, fit, tmp_path / "x", holdout="test")

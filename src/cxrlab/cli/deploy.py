@@ -36,6 +36,8 @@ def add_deploy_commands(sub) -> None:
     p.add_argument("--method", default="f1", choices=[r.value for r in ThresholdRule], help="threshold rule (f1)")
     p.add_argument("--policy", default=None, help="uncertain-label policy (default: the recipe's)")
     p.add_argument("--split", default="all", help="all | train | val | test (official split column)")
+    p.add_argument("--holdout", default=None, help="also report ECE/Brier before -> after here: another split "
+                   "of --data (e.g. --split val --holdout test) or another source KIND:LOCATION")
     p.set_defaults(func=_calibrate)
 
 
@@ -58,10 +60,12 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from ..workflows.deploy import calibrate  # lazy: start-up time (torch), for every command
+    from ..workflows.deploy import before_after_lines, calibrate  # lazy: start-up time (torch), for every command
 
     record = calibrate(args.checkpoint, args.data, args.out, temperature=args.temperature, method=args.method,
-                       policy=args.policy, split=args.split)
+                       policy=args.policy, split=args.split, holdout=args.holdout)
     print(f"wrote {args.out}: thresholds refitted for {len(record['labels_refitted'])} labels on {record['n']} "
           f"images of {record['source']}" + (" (with per-label temperature)" if args.temperature else ""))
+    for line in before_after_lines(record):
+        print(line)
     return 0

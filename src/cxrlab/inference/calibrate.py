@@ -14,7 +14,11 @@ writes a copy of the checkpoint whose ``checkpoint.json`` holds
   reports scaled probabilities. ``thresholds`` are stored on the unscaled scale, as every card holds
   them (``sigmoid(T·logit(t))``; scaling is monotonic per label); the backends decide at
   :meth:`~cxrlab.model_card.ModelCard.output_thresholds`;
-* ``threshold_source`` (one line) and ``calibration`` (source, split, n, date, method, labels refitted).
+* ``threshold_source`` (one line) and ``calibration`` (source, split, n, date, method, labels refitted,
+  and ``before_after``: ECE over equal-mass bins and Brier score, per label and mean, of the checkpoint's
+  probabilities before and of the calibrated copy's after, on the data it fitted and, with ``holdout``,
+  on a held-out part: another split of the same source, or another labelled source). Thresholds do
+  not change probabilities, so without ``--temperature`` before equals after.
 
 The copy's model card is rewritten through the card's codec; nothing else of the checkpoint changes.
 """
@@ -30,6 +34,7 @@ from ..checkpoint import find_checkpoint, read_card, read_info, write_card
 from ..data.scoring import scoring_set
 from ..errors import CxrlabError
 from ..metrics import fit_thresholds
+from ..metrics.calibration import DEFAULT_BINS, label_calibration
 from ..model_card import logit, scaled_thresholds, unscaled_thresholds
 from .batch import predict_tolerant
 from .predictor import Predictor
@@ -61,8 +66,37 @@ def fit_temperature(logits: np.ndarray, targets: np.ndarray, bounds: tuple[float
     return float(1.0 / a)
 
 
+def _holdout(source: str, split: str, holdout: str) -> tuple[str, str]:
+    """(source, split) of the held-out part: ``KIND:LOCATION`` is another source (all of it), anything
+    else a split of ``source`` other than the fitted one."""
+    if ":" in holdout:
+        return holdout, "all"
+    if split == "all" or holdout == split:
+        raise CxrlabError(f"--holdout {holdout}: it overlaps the fitted part (--split {split}); fit on one "
+                          "official split and hold out another (e.g. --split val --holdout test), or give a "
+                          "source KIND:LOCATION")
+    return source, holdout
+
+
+def _calibration_summary(probs: np.ndarray, scored, names: list[str], bins: int) -> dict:
+    known = np.asarray(scored.mask) > 0
+    ece, brier = label_calibration(probs, np.asarray(scored.target, dtype=np.float64), known, bins)
+    mean = (lambda a: float(np.nanmean(a)) if np.isfinite(a).any() else None)
+    return {"mean_ece": mean(ece), "mean_brier": mean(brier),
+            "per_label": {n: {"ece": None if not np.isfinite(e) else float(e),
+                              "brier": None if not np.isfinite(b) else float(b)} for n, e, b in zip(names, ece, brier)}}
+
+
+def _before_after(logits: np.ndarray, scored, names, old, new, bins: int) -> dict:
+    """ECE and Brier of sigmoid(logit / T) under the old temperatures (before) and the new (after)."""
+    return {"n": int(len(scored.rows)),
+            "before": _calibration_summary(1 / (1 + np.exp(-logits / old)), scored, names, bins),
+            "after": _calibration_summary(1 / (1 + np.exp(-logits / new)), scored, names, bins)}
+
+
 def calibrate(checkpoint, source: str, out, temperature: bool = False, method: str = "f1",
-              policy: str | None = None, split: str = "all") -> dict:
+              policy: str | None = None, split: str = "all", holdout: str | None = None,
+              bins: int = DEFAULT_BINS) -> dict:
     """Write a calibrated copy of ``checkpoint`` at ``out``; return its ``calibration`` record."""
     folder = find_checkpoint(Path(checkpoint))
     out = Path(out)
@@ -74,6 +108,7 @@ def calibrate(checkpoint, source: str, out, temperature: bool = False, method: s
     predictor = Predictor.from_checkpoint(folder, calibrated=False)
     card = predictor.card
     scored = scoring_set(card, source, split, policy)
+    held = scoring_set(card, *_holdout(source, split, holdout), policy) if holdout else None
     rows, outputs = scored.rows, scored.outputs
     if len(rows) == 0:
         raise CxrlabError(f"source {source!r} has no labelled images to calibrate on")
@@ -83,6 +118,7 @@ def calibrate(checkpoint, source: str, out, temperature: bool = False, method: s
     target = np.asarray(scored.target) > 0.5
     previous = read_card(folder).temperature
     temperatures = np.ones(len(predictor.label_names)) if previous is None else np.asarray(previous, np.float64)
+    old_temperatures = temperatures.copy()
     logits = logit(probs)
     if temperature:
         for k, o in enumerate(outputs):
@@ -104,6 +140,15 @@ def calibrate(checkpoint, source: str, out, temperature: bool = False, method: s
     record = {"source": source, "split": split, "n": int(len(rows)), "date": date, "method": method,
               "temperature": bool(temperature), "labels_refitted": refitted, "labels_kept": kept,
               "previous_threshold_source": card.threshold_source, "from_checkpoint": str(folder)}
+    names = [predictor.label_names[o] for o in outputs]
+    record["before_after"] = {"bins": int(bins), "binning": "equal-mass", "fitted": _before_after(
+        logits, scored, names, old_temperatures[outputs], temperatures[outputs], bins)}
+    if held is not None:
+        held_probs = predict_tolerant(predictor, len(held.rows), lambda i: held.fitted(card.input, i), strict=True)[0]
+        held_names = [predictor.label_names[o] for o in held.outputs]
+        record["before_after"]["holdout"] = {"source": holdout, **_before_after(
+            logit(held_probs[:, held.outputs].astype(np.float64)), held, held_names,
+            old_temperatures[held.outputs], temperatures[held.outputs], bins)}
     shutil.copytree(folder, out)
     scaled = temperature or previous is not None
     stored = unscaled_thresholds(thresholds, temperatures) if scaled else thresholds
