@@ -127,3 +127,64 @@ def test_nih_stats_after_spml(nih_dir, capsys):
     assert sum(c["positive"] for c in labels.values()) == 112_120
     assert all(c["negative"] == 0 and c["positive"] + c["unknown"] == 112_120 for c in labels.values())
     assert all(labels[name]["positive"] <= count for name, count in NIH_PREVALENCE.items())
+
+
+def test_stats_text_names_both_shares(chexpert_dir, chexpert_raw, capsys):
+    """Blanks excluded, "No Finding" is positive on 100 % of its labelled images but on 10 % of all images."""
+    out = run(["data", "stats", f"chexpert:{chexpert_dir}"], capsys)
+    header = next(line for line in out.splitlines() if line.startswith("label"))
+    assert header.split()[-2:] == ["pos/labelled", "pos/images"] and "prevalence" not in header
+    for name in ("No Finding", "Pleural Effusion"):
+        column = chexpert_raw[name]
+        labelled = 100 * (column == 1).sum() / column.notna().sum()
+        images = 100 * (column == 1).sum() / len(column)
+        line = next(x for x in out.splitlines() if x.startswith(name + " "))
+        assert line.split()[-2:] == [f"{labelled:.2f}%", f"{images:.2f}%"]
+    assert "image prevalence, positive / all images" in out
+
+
+def _chexpert_layout(root, shared_data, rows: int = 40):
+    """A CheXpert-v1.0-small folder: the first rows of the real valid.csv, and (empty) image files."""
+    table = pd.read_csv(shared_data / "chexpert" / "valid.csv").head(rows)
+    (root / "CheXpert-v1.0-small").mkdir(parents=True)
+    table.to_csv(root / "CheXpert-v1.0-small" / "valid.csv", index=False)
+    for rel in table["Path"]:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"")
+    return root / "CheXpert-v1.0-small"
+
+
+def test_folds_file_moves_with_the_data(tmp_path, shared_data, capsys):
+    import shutil
+    from types import SimpleNamespace
+
+    from cxrlab.data.sources import parse_source
+    from cxrlab.workflows.cross_validation import load_folds_file
+
+    first = _chexpert_layout(tmp_path / "here", shared_data)
+    folds = tmp_path / "folds.csv"
+    run(["data", "split", f"chexpert:{first}", "--folds", "3", "--out", str(folds)], capsys)
+    written = pd.read_csv(folds)
+    assert written["path"].iloc[0] == "patient64541/study1/view1_frontal.jpg"  # relative to the source root
+    before = read_manifest(folds, parse_source(f"chexpert:{first}"))
+
+    shutil.move(str(tmp_path / "here"), str(tmp_path / "moved" / "elsewhere"))
+    moved = parse_source(f"chexpert:{tmp_path / 'moved' / 'elsewhere' / 'CheXpert-v1.0-small'}")
+    assert not str(moved.meta["path"].iloc[0]).startswith(str(tmp_path / "here"))
+    after = read_manifest(folds, moved)
+    assert after["path"].tolist() == moved.meta["path"].tolist()  # every row resolved to where the data is now
+    assert after["fold"].tolist() == before["fold"].tolist()
+    manifest = load_folds_file(folds, SimpleNamespace(index=moved.meta))
+    assert manifest["path"].tolist() == moved.meta["path"].tolist()
+
+    # an old manifest with absolute paths still loads
+    old = tmp_path / "old.csv"
+    after.to_csv(old, index=False)
+    assert load_folds_file(old, SimpleNamespace(index=moved.meta))["path"].tolist() == after["path"].tolist()
+
+    # a source with rows the manifest lacks: the error names them
+    more = _chexpert_layout(tmp_path / "more", shared_data, rows=43)
+    with pytest.raises(CxrlabError, match=r"repeat 0 lacks 3 images of the data: .*patient6457.*study1"):
+        load_folds_file(folds, SimpleNamespace(index=parse_source(f"chexpert:{more}").meta))
+    with pytest.raises(CxrlabError, match="no image of the source ends in a path the manifest lists"):
+        read_manifest(folds, parse_source(f"nih:{shared_data / 'nih'}"))

@@ -181,6 +181,7 @@ def test_manifest_round_trip_and_checks(tmp_path):
     toy = _toy(20)
     manifest = repeated_kfold(toy, folds=4, repeats=2, seed=0)
     path = write_manifest(manifest, tmp_path / "sub" / "splits.csv")
+    assert pd.read_csv(path)["path"].iloc[0] == "0.png"  # relative to /x, the folder holding every image
     back = read_manifest(path, toy)
     pd.testing.assert_frame_equal(back, manifest, check_dtype=False)
 

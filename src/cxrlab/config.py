@@ -86,6 +86,17 @@ class ThresholdRule(StrEnum):  # eval.threshold; see cxrlab.metrics.thresholds
     YOUDEN = "youden"
 
 
+class Level(StrEnum):  # eval.level; see cxrlab.metrics.study
+    AUTO = "auto"    # both where some study of the data holds several images (CheXpert, MIMIC), else image
+    IMAGE = "image"
+    BOTH = "both"    # every image, and every study (its images' probabilities aggregated)
+
+
+class StudyAggregation(StrEnum):  # eval.study_aggregation
+    MAX = "max"
+    MEAN = "mean"
+
+
 def choose(choices: type[StrEnum], value, what: str) -> StrEnum:
     """``value`` as a member of ``choices``, or the one-line error naming ``what``, the closest valid
     value and all of them (default first): for library functions and hand-built config sections, which
@@ -209,6 +220,8 @@ class EvalConfig:
     # test metrics by subgroup (those the source lacks are skipped); age bands start at these ages
     subgroups: list = field(default_factory=lambda: list(SUBGROUP_ATTRIBUTES))
     age_bands: list = field(default_factory=lambda: [40, 60, 80])
+    level: Level = Level.AUTO            # image | both (image and study level) | auto
+    study_aggregation: StudyAggregation = StudyAggregation.MAX  # a study's probability: max | mean of its images
 
     def __post_init__(self):
         for name in self.subgroups:

@@ -14,6 +14,7 @@ counts. A seeded shuffle before the stable ordering and random tie-breaks make r
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -77,17 +78,52 @@ def repeated_kfold(paths_or_records, patient_ids=None, target=None, folds: int =
 
 
 def write_manifest(manifest: pd.DataFrame, path) -> Path:
-    """Write a manifest CSV (columns path, patient_id, repeat, fold)."""
+    """Write a manifest CSV (columns path, patient_id, repeat, fold) with image paths relative to the
+    folder that holds them all (the source root), so the file moves with the data and between machines;
+    locators that are not absolute file paths (``synthetic://``) are written as they are."""
     _check_columns(manifest, path)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    manifest.loc[:, list(MANIFEST_COLUMNS)].to_csv(path, index=False)
+    out = manifest.loc[:, list(MANIFEST_COLUMNS)].copy()
+    out["path"] = relative_paths(out["path"].astype(str))
+    out.to_csv(path, index=False)
     return path
+
+
+def relative_paths(paths: pd.Series) -> pd.Series:
+    """Absolute paths relative to the deepest folder they share; anything else unchanged."""
+    if len(paths) == 0 or not paths.map(os.path.isabs).all():
+        return paths
+    root = os.path.commonpath(sorted({os.path.dirname(p) for p in paths.unique()}))
+    return paths.str.slice(len(root.rstrip(os.sep)) + 1)
+
+
+def resolve_paths(manifest: pd.DataFrame, source_paths, where) -> pd.DataFrame:
+    """``manifest`` with relative paths made absolute against where the source's images lie now: the root
+    is what precedes a listed relative path in the first source path that ends in one. A manifest with
+    absolute paths (written before paths were relative) comes back unchanged."""
+    listed = manifest["path"].astype(str)
+    relative = ~listed.map(os.path.isabs) & ~listed.str.contains("://", regex=False)
+    if not relative.any():
+        return manifest
+    wanted = set(listed[relative])
+    for source_path in map(str, source_paths):
+        parts = source_path.split(os.sep)
+        for k in range(1, len(parts)):
+            if os.sep.join(parts[k:]) in wanted:
+                out = manifest.copy()
+                out.loc[relative, "path"] = os.sep.join(parts[:k]) + os.sep + listed[relative]
+                return out
+    example = next(iter(map(str, source_paths)), "none")
+    raise CxrlabError(f"split manifest {where}: no image of the source ends in a path the manifest lists "
+                      f"(manifest {listed[relative].iloc[0]!r}, source {example!r}); was it written for another "
+                      "source?")
 
 
 def read_manifest(path, records: Records | None = None) -> pd.DataFrame:
     """Read a manifest and check it: no patient in two folds of one repeat, no image twice in a repeat,
-    and (given ``records``) every path known with the same patient as in the records."""
+    and (given ``records``) every path known with the same patient as in the records. Relative paths
+    are resolved against the records' image paths (``resolve_paths``)."""
     try:
         manifest = pd.read_csv(path, dtype={"path": "str", "patient_id": "str"})
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
@@ -98,6 +134,7 @@ def read_manifest(path, records: Records | None = None) -> pd.DataFrame:
             raise CxrlabError(f"split manifest {path}: column {column!r} must hold integers")
     _check_leakage(manifest, path)
     if records is not None:
+        manifest = resolve_paths(manifest, records.meta["path"].to_numpy(), path)
         _check_known(manifest, records, path)
     return manifest
 
@@ -131,12 +168,19 @@ def _check_known(manifest: pd.DataFrame, records: Records, path) -> None:
     unknown_path = expected.isna().to_numpy()
     if unknown_path.any():
         raise CxrlabError(f"split manifest {path}: image {manifest['path'][unknown_path].iloc[0]!r} is not in "
-                          f"source {records.name!r} ({int(unknown_path.sum())} unknown images)")
+                          f"source {records.name!r} ({int(unknown_path.sum())} unknown images: "
+                          f"{_some(manifest['path'][unknown_path])})")
     wrong = (expected.astype(str) != manifest["patient_id"].astype(str)).to_numpy()
     if wrong.any():
         i = int(np.argmax(wrong))
         raise CxrlabError(f"split manifest {path}: image {manifest['path'].iloc[i]!r} has patient "
                           f"{manifest['patient_id'].iloc[i]!r} but the source says {expected.iloc[i]!r}")
+
+
+def _some(values, n: int = 3) -> str:
+    """The first ``n`` of a list of names, and how many more."""
+    values = [str(v) for v in values]
+    return ", ".join(values[:n]) + (f" and {len(values) - n} more" if len(values) > n else "")
 
 
 def _patients_and_target(records_or_patients, target):

@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 from . import plots
+from ..metrics.subgroups import format_subgroups
 from ..serialization import to_jsonable
 
 HEADLINE = (("macro_auc", "macro AUC"), ("micro_auc", "micro AUC"), ("map", "mAP"),
@@ -83,6 +84,8 @@ def report_markdown(metrics: dict, label_names, config: dict | None, figures: di
     lines += _reliability_note(metrics) + [""]
     lines += _per_label_table(metrics["per_label"], label_names)
     lines += _calibration_table(metrics, label_names)
+    if metrics.get("subgroups"):
+        lines += ["", "## Subgroups (test images)"] + format_subgroups(metrics["subgroups"])
     for caption, fig in figures.items():
         lines += ["", f"## {caption}", "", f"![{caption}]({Path(fig).name})"]
     return "\n".join(lines) + "\n"

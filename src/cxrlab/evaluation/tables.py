@@ -10,6 +10,7 @@ import numpy as np
 from ..errors import CxrlabError
 from ..metrics.multilabel import HEADLINE_METRICS
 from ..serialization import write_json
+from .protocol import merge_protocols, protocol_line
 
 
 
@@ -40,6 +41,10 @@ def aggregate(reports: list[dict]) -> dict:
     if not reports:
         raise CxrlabError("aggregate needs at least one report")
     out: dict = {}
+    protocols = merge_protocols([r.get("protocol") for r in reports])
+    # a study block's headline numbers aggregate as ``study/<metric>`` beside the image level's
+    reports = [{**r, **{f"study/{k}": v for k, v in (r.get("study") or {}).items() if k != "per_label"}}
+               for r in reports]
     keys = [k for k in dict.fromkeys(k for r in reports for k in r) if k != "per_label"]
     for key in keys:
         values = [r.get(key) for r in reports]
@@ -55,6 +60,8 @@ def aggregate(reports: list[dict]) -> dict:
         per_label[name]["n_defined"] = sum(_value(row.get("auc")) == _value(row.get("auc")) for row in rows)
     out["per_label"] = per_label
     out["n_reports"] = len(reports)
+    if protocols:
+        out["protocol"] = protocols
     return out
 
 
@@ -68,7 +75,8 @@ def _cell(stats: dict | None, best: bool = False) -> str:
 
 # shown in comparison.md when some recipe reports them: MPC's pseudo-label recovery of hidden positives,
 # and how a label-level head's G correlates with the training co-occurrence
-OPTIONAL_COLUMNS = ("pseudo_pos_precision", "pseudo_pos_recall", "g_vs_cooccurrence_r")
+OPTIONAL_COLUMNS = ("study/macro_auc", "study/map", "study/macro_f1", "study/macro_f1_at_0.5",
+                    "pseudo_pos_precision", "pseudo_pos_recall", "g_vs_cooccurrence_r")
 
 
 def write_comparison(results: dict, out_dir,
@@ -139,9 +147,20 @@ def _best(table: dict, key: str) -> str | None:
     return max(means, key=means.get) if len(means) > 1 else None
 
 
+def _protocol_lines(results: dict) -> list[str]:
+    """One protocol line when every recipe shares it, else one per recipe (the differences show)."""
+    protocols = {r: protocol_line(agg.get("protocol")) for r, agg in results.items() if agg.get("protocol")}
+    if not protocols:
+        return []
+    if len(set(protocols.values())) == 1:
+        return [next(iter(protocols.values())) + " (every recipe; counts per run)", ""]
+    return [f"- {r}: {line}" for r, line in protocols.items()] + [""]
+
+
 def _comparison_markdown(results: dict, table: dict, metrics: list[str]) -> str:
     runs = {r: agg.get("n_reports", "?") for r, agg in results.items()}
-    lines = ["# Recipe comparison", "", "mean ± sample std over folds/seeds; best mean in bold.", "",
+    lines = ["# Recipe comparison", "", *_protocol_lines(results), "mean ± sample std over folds/seeds; best mean in bold; "
+             "`study/` columns score one prediction per study.", "",
              "| recipe | runs | " + " | ".join(metrics) + " |", "|---|---:|" + "---:|" * len(metrics)]
     best = {m: _best(table, m) for m in metrics}
     for recipe, row in table.items():

@@ -65,8 +65,9 @@ def subgroup_report(probs, targets, mask, label_names, meta: pd.DataFrame, attri
         groups = [g for g in _ordered(values, attribute, age_bands) if g != "unknown"]
         rows = {g: np.flatnonzero(values == g) for g in groups}
         counts = {g: _class_counts(targets[r], known[r]) for g, r in rows.items()}
-        labels = _common_labels(counts, min_positives)
-        block = {"labels": [names[j] for j in labels], "n_unknown": int(np.sum(values == "unknown")), "groups": {}}
+        labels, rule = _common_labels(counts, min_positives)
+        block = {"labels": [names[j] for j in labels], "labels_rule": rule, "min_positives": int(min_positives),
+                 "n_unknown": int(np.sum(values == "unknown")), "groups": {}}
         rng = np.random.RandomState(seed)
         for g in groups:
             r = rows[g]
@@ -91,14 +92,18 @@ def _class_counts(t: np.ndarray, known: np.ndarray) -> tuple[np.ndarray, np.ndar
     return ((t > 0.5) & known).sum(0), ((t <= 0.5) & known).sum(0)
 
 
-def _common_labels(counts: dict, min_positives: int) -> np.ndarray:
-    """Labels every subgroup can score: >= min_positives positives and a negative in each; else both classes."""
+def _common_labels(counts: dict, min_positives: int) -> tuple[np.ndarray, str]:
+    """Labels every subgroup can score, and the rule that chose them: >= min_positives positives and a
+    negative in each subgroup; where no label has that, both classes in each."""
     if not counts:
-        return np.array([], dtype=np.int64)
+        return np.array([], dtype=np.int64), "no subgroup"
     pos = np.min([c[0] for c in counts.values()], axis=0)
     neg = np.min([c[1] for c in counts.values()], axis=0)
     enough = np.flatnonzero((pos >= max(1, min_positives)) & (neg >= 1))
-    return enough if len(enough) else np.flatnonzero((pos >= 1) & (neg >= 1))
+    if len(enough):
+        return enough, f">= {min_positives} positives and a negative in every subgroup"
+    return (np.flatnonzero((pos >= 1) & (neg >= 1)),
+            f"both classes in every subgroup (no label has {min_positives} positives in each)")
 
 
 def _aucs(p: np.ndarray, t: np.ndarray, known: np.ndarray, columns) -> np.ndarray:
@@ -147,9 +152,11 @@ def format_subgroups(block: dict) -> list[str]:
             lines += [f"- {attribute}: not reported ({b['unavailable']})"]
             continue
         lines += ["", f"### By {attribute.replace('_', ' ')}", "",
-                  f"Macro AUC over the {len(b['labels'])} labels every subgroup can score"
-                  + (f" ({b['n_unknown']} images of unknown {attribute} left out)" if b["n_unknown"] else "") + ".",
-                  "", "| subgroup | images | macro AUC [CI] | labels with AUC |", "|---|---:|---|---:|"]
+                  f"Macro AUC over the same {len(b['labels'])} labels in every subgroup: those with {b['labels_rule']}"
+                  + (f"; {b['n_unknown']} images of unknown {attribute} left out" if b["n_unknown"] else "")
+                  + f". Per-label AUCs (metrics.json) for labels with >= {b['min_positives']} positives in the subgroup.",
+                  "", f"| subgroup | images | macro AUC [CI] | labels with >= {b['min_positives']} positives |",
+                  "|---|---:|---|---:|"]
         for name, g in b["groups"].items():
             ci = g.get("macro_auc_ci")
             shown = "–" if g["macro_auc"] is None else f"{g['macro_auc']:.3f}" + (

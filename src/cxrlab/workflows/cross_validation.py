@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..checkpoint import latest, read_info
 from ..config import Recipe, load_recipe
-from ..data.splits import read_manifest, repeated_kfold, write_manifest
+from ..data.splits import read_manifest, repeated_kfold, resolve_paths, write_manifest
 from ..errors import CxrlabError, unknown
 from ..evaluation.paired import paired_significance, significance_markdown
 from ..evaluation.tables import aggregate, write_comparison
@@ -35,13 +35,15 @@ def load_folds_file(path, data, copy_to: Path | None = None):
     path = Path(path)
     if not path.is_file():
         raise CxrlabError(f"data.folds_file: {path} not found (write one with `cxrlab data split ... --out`)")
-    manifest = read_manifest(path)
+    # relative paths (cxrlab data split) resolve against where the data lies now; absolute ones load as written
+    manifest = resolve_paths(read_manifest(path), data.index["path"].astype(str).to_numpy(), path)
     owner = pd.Series(data.index["patient_id"].astype(str).to_numpy(), index=data.index["path"].astype(str).to_numpy())
     for repeat, part in manifest.groupby("repeat"):
         listed = pd.Series(part["patient_id"].astype(str).to_numpy(), index=part["path"].astype(str).to_numpy())
         missing = owner.index.difference(listed.index)
         if len(missing):
-            raise CxrlabError(f"{path}: repeat {repeat} lacks {len(missing)} images of the data, e.g. {missing[0]!r}"
+            raise CxrlabError(f"{path}: repeat {repeat} lacks {len(missing)} images of the data: "
+                              f"{', '.join(map(repr, missing[:3]))}{' ...' if len(missing) > 3 else ''}"
                               " (was it written for another source or views?)")
         wrong = listed.reindex(owner.index) != owner
         if wrong.any():

@@ -9,19 +9,24 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..data.scoring import scoring_set
+from ..evaluation.protocol import protocol
 from ..evaluation.report import write_report
 from ..inference.batch import predict_tolerant
 from ..inference.predictor import Predictor
 from ..metrics import multilabel_report
+from ..metrics.study import study_level, study_report
 from ..model_card import card_to_json
 from ..paths import check_output_dir
 
 
 def evaluate_checkpoint(checkpoint: Path, source: str, out_dir: Path, policy: str | None = None,
-                        split: str = "all", overwrite: bool = True) -> Path:
+                        split: str = "all", overwrite: bool = True, level: str = "auto",
+                        aggregation: str = "max") -> Path:
     """Score a checkpoint (or an ONNX export) on a labelled source at its card's thresholds and write a
     report (an existing ``out_dir`` is refused unless ``overwrite``); an image that cannot be read is an
-    error naming it."""
+    error naming it. ``level``/``aggregation`` as ``eval.level``/``eval.study_aggregation``: where studies
+    hold several images the report adds the study level (no validation part here, so its F1 uses the
+    model's image-level thresholds, and says so)."""
     check_output_dir(out_dir, overwrite=overwrite, what="evaluation folder")
     predictor = Predictor.load(checkpoint)
     card = predictor.card
@@ -37,5 +42,18 @@ def evaluate_checkpoint(checkpoint: Path, source: str, out_dir: Path, policy: st
         metrics["label_mapping"] = scored.mapped
     if scored.unscored:
         metrics["unscored_labels"] = scored.unscored
+    meta = scored.records.meta.iloc[scored.rows]
+    ids = meta["study_id"].to_numpy(dtype=str)
+    if study_level(level, ids):
+        metrics["study"] = study_report(probs, scored.target, scored.mask, ids, scored.names, how=aggregation,
+                                        thresholds=predictor.thresholds[scored.outputs],
+                                        min_positives=card.training.min_positives,
+                                        exclude_unreliable=card.training.exclude_unreliable)
+        metrics["study"]["threshold_source"] = (f"the model's image-level ones ({card.threshold_source}); "
+                                                "none fitted on studies here")
+    what = f"{split} part of {source}" if split != "all" else f"all of {source}"
+    level_text = f"image + study ({aggregation} of a study's images)" if "study" in metrics else "image"
+    metrics["protocol"] = protocol(what, level_text, card.input.size, card.input.resize,
+                                   policy or card.training.policy.replace("spml", "u_zeros"), len(scored.names), meta)
     return write_report(Path(out_dir), metrics, probs, scored.target, scored.mask, scored.names,
                         config={"name": card.training.recipe or "evaluation", "model_card": card_to_json(card)})

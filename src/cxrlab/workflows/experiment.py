@@ -24,6 +24,7 @@ from ..errors import CxrlabError, unknown
 from ..labels import label_cooccurrence
 from ..losses.base import LossContext, Objective
 from ..metrics import fit_thresholds, multilabel_report
+from ..metrics.subgroups import subgroup_report
 from ..models import build_from_config, check_model, heads_where
 from ..models.heads.base import Capability
 from ..models.parts import freeze, freeze_names, init_from_spec, load_parts
@@ -196,6 +197,11 @@ def run(recipe: Recipe, out_dir: Path, resume: bool = False, data: PreparedData 
                                 exclude_unreliable=recipe.eval.exclude_unreliable)
     metrics["threshold_source"] = f"per label, fitted on the validation part ({recipe.eval.threshold})"
     metrics["split_sizes"] = {name: int(len(rows)) for name, rows in parts.items()}
+    if recipe.eval.subgroups:  # by sex / age band / view of the test images, where the source gives them
+        e = recipe.eval
+        metrics["subgroups"] = subgroup_report(test_probs, test_target, test_mask, names, data.index.iloc[parts["test"]],
+                                               e.subgroups, e.age_bands, e.min_positives, e.bootstrap, e.ci,
+                                               recipe.train.seed)
     if fit.epoch_stats:
         metrics["training"] = fit.epoch_stats
         # the last epoch's regime statistics (e.g. MPC pseudo-label precision/recall) at the top level,
