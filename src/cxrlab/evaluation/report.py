@@ -9,12 +9,16 @@ import math
 from pathlib import Path
 
 from . import plots
+from .protocol import protocol_line
 from ..metrics.subgroups import format_subgroups
 from ..serialization import to_jsonable
 
 HEADLINE = (("macro_auc", "macro AUC"), ("micro_auc", "micro AUC"), ("map", "mAP"),
-            ("macro_f1", "macro F1"), ("micro_f1", "micro F1"),
-            ("macro_f1_at_0.5", "macro F1 @0.5"), ("micro_f1_at_0.5", "micro F1 @0.5"))
+            ("macro_f1", "macro F1, thresholds fitted on validation"),
+            ("micro_f1", "micro F1, thresholds fitted on validation"),
+            ("macro_f1_at_0.5", "macro F1 @0.5 (fixed threshold)"), ("micro_f1_at_0.5", "micro F1 @0.5 (fixed threshold)"))
+# the LCL paper (Zhang et al., CMPB 2024) states F1 as its headline, and its group's code takes it at 0.5
+LCL_HEADLINE = ("macro_f1_at_0.5", "micro_f1_at_0.5")
 
 
 def write_json(path: Path, obj) -> Path:
@@ -65,7 +69,7 @@ def _ci(ci) -> str:
 def report_markdown(metrics: dict, label_names, config: dict | None, figures: dict) -> str:
     """The Markdown summary: headline metrics (with CI), per-label table, undefined labels, plots."""
     title = (config or {}).get("name", "evaluation")
-    lines = [f"# Report: {title}", ""]
+    lines = [f"# Report: {title}", ""] + ([protocol_line(metrics["protocol"]), ""] if metrics.get("protocol") else [])
     boot = metrics.get("bootstrap")
     facts = [f"{metrics.get('n_images', '?')} images evaluated",
              f"thresholds: {metrics.get('threshold_source', 'given')}"]
@@ -74,21 +78,43 @@ def report_markdown(metrics: dict, label_names, config: dict | None, figures: di
                      f"(seed {boot['seed']})")
     if metrics.get("split_sizes"):
         facts.append("split sizes: " + ", ".join(f"{k} {v}" for k, v in metrics["split_sizes"].items()))
-    lines += [f"- {f}" for f in facts] + ["", "## Headline metrics", "", "| metric | value | CI |", "|---|---:|---|"]
-    for key, label in HEADLINE:
-        if key in metrics:
-            lines.append(f"| {label} | {_num(metrics[key], 4)} | {_ci(metrics.get(key + '_ci'))} |")
+    lines += [f"- {f}" for f in facts] + ["", "## Headline metrics", ""] + _headline_table(metrics, config)
     undefined = metrics.get("undefined_labels") or []
     lines += ["", "Macro averages skip labels lacking both classes: "
               + (", ".join(undefined) if undefined else "none") + "."]
     lines += _reliability_note(metrics) + [""]
     lines += _per_label_table(metrics["per_label"], label_names)
     lines += _calibration_table(metrics, label_names)
+    if metrics.get("study"):
+        lines += ["", f"### Study level: {metrics['study']['n_studies']} studies "
+                  f"(thresholds: {metrics['study'].get('threshold_source', 'given')})", ""]
+        lines += _per_label_table(metrics["study"]["per_label"], label_names)[2:]
     if metrics.get("subgroups"):
         lines += ["", "## Subgroups (test images)"] + format_subgroups(metrics["subgroups"])
     for caption, fig in figures.items():
         lines += ["", f"## {caption}", "", f"![{caption}]({Path(fig).name})"]
     return "\n".join(lines) + "\n"
+
+
+def _headline_table(metrics: dict, config: dict | None) -> list[str]:
+    """One row per headline metric; a ``study`` block adds its columns beside the image level's, each
+    headed by its count. A LCL recipe's report puts F1 @0.5, the paper's headline, first and says so."""
+    study = metrics.get("study")
+    lcl = ((config or {}).get("model") or {}).get("head") == "lcl"
+    rows = sorted(HEADLINE, key=lambda kv: kv[0] not in LCL_HEADLINE) if lcl else HEADLINE
+    head = f"| metric | image level ({metrics.get('n_images', '?')} images) | CI |"
+    if study:
+        head += f" study level ({study['n_studies']} studies, {study['aggregation']}) | CI |"
+    lines = [head, "|---|---:|---|" + ("---:|---|" if study else "")]
+    for key, label in rows:
+        if key not in metrics:
+            continue
+        label = f"**{label}: the LCL paper's headline**" if lcl and key in LCL_HEADLINE else label
+        row = f"| {label} | {_num(metrics[key], 4)} | {_ci(metrics.get(key + '_ci'))} |"
+        if study:
+            row += f" {_num(study.get(key), 4)} | {_ci(study.get(key + '_ci'))} |"
+        lines.append(row)
+    return lines
 
 
 def _reliability_note(metrics: dict) -> list[str]:

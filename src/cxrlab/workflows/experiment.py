@@ -20,10 +20,12 @@ from ..data.prepared import PreparedData, prepare_data, split_rows  # noqa: F401
 from ..data.transforms import build_augment, parse_spec
 from ..engine import distributed as dist
 from ..engine.trainer import Trainer, make_loader, seed_everything
+from ..evaluation.protocol import protocol
 from ..errors import CxrlabError, unknown
 from ..labels import label_cooccurrence
 from ..losses.base import LossContext, Objective
 from ..metrics import fit_thresholds, multilabel_report
+from ..metrics.study import study_level, study_report
 from ..metrics.subgroups import subgroup_report
 from ..models import build_from_config, check_model, heads_where
 from ..models.heads.base import Capability
@@ -202,6 +204,8 @@ def run(recipe: Recipe, out_dir: Path, resume: bool = False, data: PreparedData 
         metrics["subgroups"] = subgroup_report(test_probs, test_target, test_mask, names, data.index.iloc[parts["test"]],
                                                e.subgroups, e.age_bands, e.min_positives, e.bootstrap, e.ci,
                                                recipe.train.seed)
+    metrics.update(_study_and_protocol(recipe, data, parts, manifest, fold, names,
+                                       (val_probs, val_target, val_mask), (test_probs, test_target, test_mask)))
     if fit.epoch_stats:
         metrics["training"] = fit.epoch_stats
         # the last epoch's regime statistics (e.g. MPC pseudo-label precision/recall) at the top level,
@@ -229,6 +233,29 @@ def run(recipe: Recipe, out_dir: Path, resume: bool = False, data: PreparedData 
     predictions.to_csv(out_dir / "report" / "test_predictions.csv", index=False, float_format="%.6f")
     dist.barrier()
     return RunResult(Path(report), metrics, fit.checkpoint, trainer.model, fit.history)
+
+
+def _study_and_protocol(recipe: Recipe, data: PreparedData, parts: dict, manifest, fold, names, val, test) -> dict:
+    """metrics.json's ``study`` block (when ``eval.level`` asks for it; thresholds fitted on the validation
+    part's studies) and its ``protocol`` (what the report's first line says)."""
+    e, d = recipe.eval, recipe.data
+    ids = data.index["study_id"].to_numpy(dtype=str) if "study_id" in data.index.columns else None
+    out = {}
+    if study_level(e.level, ids):
+        out["study"] = study_report(*test, ids[parts["test"]], names, how=e.study_aggregation,
+                                    val=(*val, ids[parts["val"]]), threshold_rule=e.threshold,
+                                    bootstrap=e.bootstrap, ci=e.ci, seed=recipe.train.seed,
+                                    min_positives=e.min_positives, exclude_unreliable=e.exclude_unreliable)
+        out["study"]["threshold_source"] = f"per label, fitted on the validation part's studies ({e.threshold})"
+    if fold is None:
+        split = str(d.split)
+    else:
+        split = f"{manifest['repeat'].nunique()}×{manifest['fold'].nunique()} CV"
+        split += f" from folds file {Path(d.folds_file).name}" if d.folds_file else ""
+    level = f"image + study ({e.study_aggregation} of a study's images)" if "study" in out else "image"
+    out["protocol"] = protocol(split, level, d.image_size, str(d.resize), str(d.policy), len(names),
+                               data.index.iloc[parts["test"]], run=None if fold is None else f"r{fold[0]}f{fold[1]}")
+    return out
 
 
 def _plot_correlation(path: Path, head, data: PreparedData, train_rows: np.ndarray) -> float:
