@@ -119,8 +119,7 @@ def plot_reliability(path, probs, targets, mask, label_names, bins: int = DEFAUL
     prevalence = [t[known[:, j], j].mean() if known[:, j].any() else -1.0 for j in range(p.shape[1])]
     chosen = [j for j in np.argsort(prevalence, kind="stable")[::-1][:top] if prevalence[j] >= 0]
     panels = [("all labels pooled", p[known], t[known])]
-    panels += [(f"{label_names[j]} (prevalence {prevalence[j]:.2f})", p[known[:, j], j], t[known[:, j], j])
-               for j in chosen]
+    panels += [(label_names[j], p[known[:, j], j], t[known[:, j], j]) for j in chosen]
     rows, cols = _grid(len(panels))
     fig = _figure(2.6 * cols, 2.5 * rows)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
@@ -128,7 +127,8 @@ def plot_reliability(path, probs, targets, mask, label_names, bins: int = DEFAUL
         curve = reliability_bins(x, y, bins)
         ax.plot([0, 1], [0, 1], ls=":", c="grey", lw=0.8)
         ax.plot(curve["mean_predicted"], curve["observed"], "o-", ms=3, lw=1.2, color="tab:blue")
-        ax.set_title(f"{title}\nECE {expected_calibration_error(x, y, bins):.3f}, {x.size} entries", fontsize=8)
+        ax.set_title(f"{title}\nprevalence {y.mean():.2f}, ECE {expected_calibration_error(x, y, bins):.3f}, "
+                     f"n {x.size}", fontsize=8)
         ax.set(xlim=(0, 1), ylim=(0, 1))
         ax.tick_params(labelsize=6)
     for ax in axes[len(panels):]:
