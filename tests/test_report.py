@@ -66,17 +66,18 @@ def test_cooccurrence_and_side_by_side_matrices(tmp_path):
 
 
 def test_training_curves_put_throughput_on_its_own_panel(tmp_path):
-    from cxrlab.evaluation.plots import history_panels, plot_history
+    from cxrlab.evaluation.plots import TRAIN_LOSS_TITLE, VAL_LOSS_TITLE, history_panels, plot_history
 
     history = [{"epoch": e, "train_loss": 1 / (e + 1), "train_bce": 0.8 / (e + 1), "val_loss": 1.1 / (e + 1),
                 "val_macro_auc": 0.6 + 0.01 * e, "lr": 1e-3 / (e + 1), "train_img_s": 150.0 + e,
                 "pseudo_pos_count": 10.0 * e, "step": 10 * e, "epoch_time_s": 3.0} for e in range(3)]
     panels = {title: keys for title, keys, _ in history_panels(history)}
-    assert panels == {"losses": ["train_loss", "train_bce", "val_loss"], "metrics": ["val_macro_auc"],
+    assert panels == {TRAIN_LOSS_TITLE: ["train_loss", "train_bce"], VAL_LOSS_TITLE: ["val_loss"],
+                      "metrics": ["val_macro_auc"],
                       "learning rate": ["lr"], "throughput (per second)": ["train_img_s"],
                       "other statistics": ["pseudo_pos_count"]}  # step and epoch time are bookkeeping
-    assert [log for _, _, log in history_panels(history)] == [False, False, True, False, False]
-    assert plot_history(tmp_path / "curves.png", history).stat().st_size > 0
+    assert [log for _, _, log in history_panels(history)] == [False, False, False, True, False, False]
+    assert plot_history(tmp_path / "curves.png", history, {"epoch": 1, "on": "val_macro_auc"}).stat().st_size > 0
 
 
 def _few_positives(n=300, seed=2):

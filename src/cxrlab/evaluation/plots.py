@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from ..labels import label_cooccurrence
 from ..metrics.calibration import DEFAULT_BINS, expected_calibration_error, reliability_bins
@@ -166,6 +167,8 @@ def plot_cooccurrence(path, targets, mask, label_names) -> Path:
     return plot_matrices(path, {"training co-occurrence P(col | row), diagonal blank": matrix}, label_names)
 
 
+TRAIN_LOSS_TITLE = "training objective (the recipe's loss terms, weighted)"
+VAL_LOSS_TITLE = "validation loss (masked BCE, unweighted)"
 METRIC_WORDS = ("auc", "f1", "map", "acc", "precision", "recall")
 SKIP_WORDS = ("time", "sec", "step", "memory")  # bookkeeping, not curves
 
@@ -194,7 +197,12 @@ def _panels(keys: list[str]) -> list[tuple[str, list[str], bool]]:
     rest = [k for k in keys if k not in lrs + rates + metrics]
     losses = [k for k in rest if "loss" in k.lower() or k.startswith(("train_", "val_"))]
     other = [k for k in rest if k not in losses]
-    return [(t, ks, log) for t, ks, log in (("losses", losses, False), ("metrics", metrics, False),
+    # the training objective is the recipe's weighted loss terms, the validation loss an unweighted masked
+    # BCE: different quantities, so never on one axis
+    val_losses = [k for k in losses if k.startswith("val_")]
+    train_losses = [k for k in losses if k not in val_losses]
+    return [(t, ks, log) for t, ks, log in ((TRAIN_LOSS_TITLE, train_losses, False), (VAL_LOSS_TITLE, val_losses, False),
+                                            ("metrics", metrics, False),
                                             ("learning rate", lrs, True), ("throughput (per second)", rates, False),
                                             ("other statistics", other, False)) if ks]
 
@@ -206,17 +214,25 @@ def history_panels(history: list[dict]) -> list[tuple[str, list[str], bool]]:
     return _panels(keys)
 
 
-def plot_history(path, history: list[dict]) -> Path:
-    """Training curves from per-epoch dicts: losses (total and per term), validation metrics, the
-    learning rate, throughput and other statistics in separate panels, so a loss is squashed neither by
-    an AUC axis nor by images per second."""
+def plot_history(path, history: list[dict], selected: dict | None = None) -> Path:
+    """Training curves from per-epoch dicts: the training objective, the validation loss, validation
+    metrics, the learning rate, throughput and other statistics in separate labelled panels, so a loss is
+    squashed neither by an AUC axis nor by images per second, and the weighted training objective is not
+    read against the unweighted validation BCE. ``selected`` ({"epoch", "on"}) marks the epoch whose
+    weights were kept on every panel."""
     panels = history_panels(history)
-    fig = _figure(4.6 * max(1, len(panels)), 3.6)
+    fig = _figure(4.6 * max(1, len(panels)), 3.8)
     axes = fig.subplots(1, max(1, len(panels)), squeeze=False).ravel()
+    epoch = (selected or {}).get("epoch")
     for ax, (title, ks, log) in zip(axes, panels):
         for k in ks:
             ax.plot(*_series(history, k), marker="o", ms=2.5, lw=1.2, label=k)
-        ax.set(title=title, xlabel="epoch")
+        if epoch is not None:
+            ax.axvline(epoch, color="tab:red", ls="--", lw=1.0,
+                       label=f"selected: epoch {epoch} (best {selected.get('on', 'validation score')})")
+        ax.set_title(title, fontsize=9)
+        ax.set(xlabel="epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if log:
             ax.set_yscale("log")
         ax.legend(fontsize=7)

@@ -50,7 +50,7 @@ def write_report(out_dir, metrics: dict, probs, targets, mask, label_names, conf
         figures["Training label co-occurrence P(column | row)"] = plots.plot_cooccurrence(
             out / "cooccurrence.png", train_targets, train_mask, names)
     if history:
-        figures["Training curves"] = plots.plot_history(out / "training_curves.png", history)
+        figures["Training curves"] = plots.plot_history(out / "training_curves.png", history, metrics.get("selection"))
     path = out / "report.md"
     path.write_text(report_markdown(metrics, names, config, figures))
     return path

@@ -199,6 +199,7 @@ def run(recipe: Recipe, out_dir: Path, resume: bool = False, data: PreparedData 
                                 exclude_unreliable=recipe.eval.exclude_unreliable)
     metrics["threshold_source"] = f"per label, fitted on the validation part ({recipe.eval.threshold})"
     metrics["split_sizes"] = {name: int(len(rows)) for name, rows in parts.items()}
+    metrics["selection"] = {"epoch": fit.best_epoch, "on": f"val_{recipe.train.select_on}"}  # the kept weights
     if recipe.eval.subgroups:  # by sex / age band / view of the test images, where the source gives them
         e = recipe.eval
         metrics["subgroups"] = subgroup_report(test_probs, test_target, test_mask, names, data.index.iloc[parts["test"]],
