@@ -102,12 +102,10 @@ def paired_significance(run_dirs: dict, reference: str, targets: pd.DataFrame, m
         if paired == "folds":
             boot = fold_paired_test(blocks, names, resamples=resamples, ci=ci, seed=seed)
             delong = boot["delong"]
-            labels = names
         else:
             a, b, t, m, clusters = (np.concatenate([blk[i] for blk in blocks]) for i in range(5))
             delong = delong_test(a, b, t, m, names, clusters=clusters)["macro"]
             boot = paired_bootstrap(a, b, t, m, names, clusters=clusters, resamples=resamples, ci=ci, seed=seed)
-            labels = delong["labels"]
         out[recipe] = {
             "macro_auc": {"difference": boot["macro_auc"]["difference"], "ci": boot["macro_auc"]["ci"],
                           "p_bootstrap": boot["macro_auc"]["p"], "p_delong": delong["p"], "se_delong": delong["se"],
@@ -115,7 +113,7 @@ def paired_significance(run_dirs: dict, reference: str, targets: pd.DataFrame, m
             "map": {"difference": boot["map"]["difference"], "ci": boot["map"]["ci"],
                     "p_bootstrap": boot["map"]["p"], "recipe": boot["map"]["a"], "reference": boot["map"]["b"]},
             "runs": len(runs), "rows": int(boot["n_rows"]), "images": int(boot["n_clusters"]),
-            "delong_labels": labels,
+            "delong_labels": delong["labels"],  # two positives and two negatives (in some fold)
         }
         if paired == "folds":
             out[recipe]["macro_auc"]["per_fold"] = boot["macro_auc"]["per_fold"]

@@ -268,7 +268,7 @@ def fold_paired_test(blocks, label_names=None, resamples: int = 1000, ci: float 
         first[codes[k]] = k
     strata = [np.flatnonzero(first == k) for k in range(len(codes)) if (first == k).any()]
 
-    plans, full, delong_influence, delong_diffs = [], [], np.zeros(n_images), []
+    plans, full, delong_influence, delong_diffs, delong_labels = [], [], np.zeros(n_images), [], set()
     for (a, b, positive, known), c in zip(folds, codes):
         cols = [np.flatnonzero(known[:, j]) for j in range(a.shape[1])]
         fold_plans = {x: ([_AucPlan(p[r, j], positive[r, j], r) for j, r in enumerate(cols)],
@@ -280,6 +280,7 @@ def fold_paired_test(blocks, label_names=None, resamples: int = 1000, ci: float 
         per_label, influence, usable = _delong_parts(a, b, positive, known, names)
         if usable:
             delong_diffs.append(float(np.mean([per_label[names[j]]["difference"] for j in usable])))
+            delong_labels.update(names[j] for j in usable)
             np.add.at(delong_influence, c, influence[:, usable].mean(1))
     observed = [[float(np.mean([_nanmean(f[x][m]) for f in full])) for x in ("a", "b")] for m in range(2)]
 
@@ -304,7 +305,8 @@ def fold_paired_test(blocks, label_names=None, resamples: int = 1000, ci: float 
     se = float(math.sqrt((delong_influence ** 2).sum())) / max(len(delong_diffs), 1)
     difference = float(np.mean(delong_diffs)) if delong_diffs else float("nan")
     test = _z_and_p(difference, se) if delong_diffs else {"z": float("nan"), "p": float("nan")}
-    out["delong"] = {"difference": difference, "se": se, "folds": len(delong_diffs), **test}
+    out["delong"] = {"difference": difference, "se": se, "folds": len(delong_diffs),
+                     "labels": [n for n in names if n in delong_labels], **test}
     return out
 
 
