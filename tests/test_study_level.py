@@ -19,6 +19,7 @@ from cxrlab.evaluation.tables import aggregate, write_comparison
 from cxrlab.labels import CHEXPERT5
 from cxrlab.metrics.study import aggregate_studies, study_level, study_report
 from cxrlab.metrics.thresholds import fit_thresholds
+from cxrlab.workflows.cross_validation import _summary_markdown
 
 FIVE = list(CHEXPERT5.names)
 
@@ -120,6 +121,9 @@ def test_merged_protocol_and_comparison_line():
     agg = aggregate(reports)
     assert agg["study/macro_auc"]["mean"] == pytest.approx(0.75) and agg["study/macro_auc"]["n"] == 2
     assert agg["protocol"] == merged
+    summary = _summary_markdown("r", agg, 1, 2)  # cv's summary.md
+    assert summary.splitlines()[2] == protocol_line(merged) + " (counts per run)"
+    assert "| study/macro_auc | 0.7500 ± 0.0707 |" in summary
 
 
 def test_train_and_evaluate_report_both_levels(chexpert_folder, tmp_path):

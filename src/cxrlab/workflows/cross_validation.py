@@ -9,6 +9,7 @@ from ..config import Recipe, load_recipe
 from ..data.splits import read_manifest, repeated_kfold, resolve_paths, write_manifest
 from ..errors import CxrlabError, unknown
 from ..evaluation.paired import paired_significance, significance_markdown
+from ..evaluation.protocol import protocol_line
 from ..evaluation.tables import aggregate, write_comparison
 from ..serialization import to_jsonable, write_json
 from .experiment import check_parts, prepare_data, run
@@ -247,8 +248,12 @@ def _same_labels(a: Recipe, b: Recipe) -> bool:
 
 
 def _summary_markdown(name: str, summary: dict, repeats: int, folds: int) -> str:
-    lines = [f"# {name}: {repeats}×{folds} cross-validation", "", "| metric | mean ± std |", "|---|---|"]
-    for key in ("macro_auc", "micro_auc", "map", "macro_f1", "micro_f1", "macro_f1_at_0.5"):
+    lines = [f"# {name}: {repeats}×{folds} cross-validation", ""]
+    if summary.get("protocol"):
+        lines += [protocol_line(summary["protocol"]) + " (counts per run)", ""]
+    lines += ["| metric | mean ± std |", "|---|---|"]
+    keys = ("macro_auc", "micro_auc", "map", "macro_f1", "micro_f1", "macro_f1_at_0.5")
+    for key in (*keys, *(f"study/{k}" for k in keys)):  # study/: one prediction per study, where reported
         if key in summary:
             lines.append(f"| {key} | {summary[key]['mean']:.4f} ± {summary[key]['std']:.4f} |")
     return "\n".join(lines) + "\n"
