@@ -87,3 +87,21 @@ def test_unavailable_attribute_and_misspelt_setting():
         load_recipe("demo", ["eval.subgroups=[age_bands]"])
     with pytest.raises(CxrlabError, match="eval.age_bands"):
         load_recipe("demo", ["eval.age_bands=[60, 40]"])
+
+
+def test_a_tiny_subgroup_does_not_empty_the_label_set():
+    """Six images under 40 without a positive: the other bands still share a label set and get a macro."""
+    rng = np.random.RandomState(3)
+    n = 206
+    age = np.r_[np.full(6, 30.0), rng.uniform(40, 90, n - 6)]
+    target = (rng.rand(n, 2) < 0.3).astype(float)
+    target[:6] = 0
+    probs = np.clip(0.4 * target + rng.rand(n, 2) * 0.7, 0, 1)
+    report = subgroup_report(probs, target, None, ["A", "B"], pd.DataFrame({"age": age}), attributes=["age_band"],
+                             min_positives=5, bootstrap=0)["age_band"]
+    assert report["labels"] == ["A", "B"]
+    assert report["groups"]["<40"]["macro_auc"] is None
+    band = subgroup_column(pd.DataFrame({"age": age}), "age_band").to_numpy() == "60-79"
+    expected = np.mean([roc_auc_score(target[band, j], probs[band, j]) for j in (0, 1)])
+    assert report["groups"]["60-79"]["macro_auc"] == pytest.approx(expected)
+    assert "–: the subgroup lacks" in "\n".join(format_subgroups({"age_band": report}))

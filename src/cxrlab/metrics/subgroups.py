@@ -4,7 +4,9 @@ the gap between the best and worst subgroup.
 
 For each attribute the macro AUC of every subgroup averages one fixed label set: the labels with at least
 ``min_positives`` positives and one negative in *every* subgroup of that attribute (where no label has that
-many, the labels with both classes in every subgroup), so the gap compares like with like. Per-label AUCs
+many, the labels with both classes in every subgroup), so the gap compares like with like. A subgroup with
+no label of ``min_positives`` positives takes no part in choosing the set; its macro is left undefined
+when it cannot score every label of it. Per-label AUCs
 are given for labels with ``min_positives`` positives in the subgroup. CIs: percentile bootstrap over the
 subgroup's images; a label lacking a class in a resample keeps its AUC from the whole subgroup, so every
 resample averages the same labels as the point estimate.
@@ -65,7 +67,11 @@ def subgroup_report(probs, targets, mask, label_names, meta: pd.DataFrame, attri
         groups = [g for g in _ordered(values, attribute, age_bands) if g != "unknown"]
         rows = {g: np.flatnonzero(values == g) for g in groups}
         counts = {g: _class_counts(targets[r], known[r]) for g, r in rows.items()}
-        labels, rule = _common_labels(counts, min_positives)
+        # a subgroup without one label of min_positives positives (6 images under 40) cannot share a label
+        # set with the others; it is listed unscored rather than emptying everyone's set
+        floor = max(1, min_positives)
+        scored = {g: c for g, c in counts.items() if (c[0] >= floor).any()} or counts
+        labels, rule = _common_labels(scored, min_positives)
         block = {"labels": [names[j] for j in labels], "labels_rule": rule, "min_positives": int(min_positives),
                  "n_unknown": int(np.sum(values == "unknown")), "groups": {}}
         rng = np.random.RandomState(seed)
@@ -121,7 +127,7 @@ def _group(p, t, known, names, labels, counts, min_positives, bootstrap, ci, rng
         draws[b] = _aucs(p[r], t[r], known[r], columns)
     draws = np.where(np.isnan(draws), point[None, :], draws)  # a class lost in a resample: keep the point AUC
     in_macro = np.isin(columns, labels)
-    macro = float(point[in_macro].mean()) if in_macro.any() else None
+    macro = float(point[in_macro].mean()) if in_macro.any() and np.isfinite(point[in_macro]).all() else None
     group = {"n_images": int(len(p)), "macro_auc": macro,
              "macro_auc_ci": _interval(draws[:, in_macro].mean(1), ci) if macro is not None and bootstrap else None,
              "per_label": {}}
@@ -162,6 +168,8 @@ def format_subgroups(block: dict) -> list[str]:
             shown = "–" if g["macro_auc"] is None else f"{g['macro_auc']:.3f}" + (
                 f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
             lines.append(f"| {name} | {g['n_images']} | {shown} | {len(g['per_label'])} |")
+        if any(g["macro_auc"] is None for g in b["groups"].values()):
+            lines += ["", "–: the subgroup lacks positives or negatives of some of these labels."]
         gap = b.get("largest_gap")
         if gap:
             lines += ["", f"Largest gap: {gap['between'][0]} − {gap['between'][1]} = {gap['macro_auc_gap']:+.3f}."]
