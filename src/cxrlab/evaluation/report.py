@@ -86,8 +86,9 @@ def report_markdown(metrics: dict, label_names, config: dict | None, figures: di
     lines += _per_label_table(metrics["per_label"], label_names)
     lines += _calibration_table(metrics, label_names)
     if metrics.get("study"):
+        resampled = "; bootstrap CIs resample studies" if metrics["study"].get("bootstrap") else ""
         lines += ["", f"### Study level: {metrics['study']['n_studies']} studies "
-                  f"(thresholds: {metrics['study'].get('threshold_source', 'given')})", ""]
+                  f"(thresholds: {metrics['study'].get('threshold_source', 'given')}{resampled})", ""]
         lines += _per_label_table(metrics["study"]["per_label"], label_names)[2:]
     if metrics.get("subgroups"):
         lines += ["", "## Subgroups (test images)"] + format_subgroups(metrics["subgroups"])
