@@ -12,6 +12,7 @@ from PIL import Image
 from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
 from cxrlab.cli import main
+from cxrlab.config import load_recipe
 from cxrlab.data.sources import parse_source
 from cxrlab.errors import CxrlabError
 from cxrlab.evaluation.protocol import merge_protocols, protocol_line
@@ -50,6 +51,11 @@ def test_valid_csv_has_200_studies_with_labels_repeated_per_image(chexpert_folde
     ids = records.meta["study_id"].to_numpy()[val]
     assert val.sum() == 234 and len(set(ids)) == 200
     assert study_level("auto", ids) and not study_level("auto", [f"s{i}" for i in range(5)])
+    assert study_level("both", [f"s{i}" for i in range(5)]) and not study_level("image", ids)
+    with pytest.raises(CxrlabError, match="no study_id column"):
+        study_level("both", None)
+    with pytest.raises(CxrlabError, match="eval.level.*'both'"):
+        load_recipe("chexpert5_bce_resnet50", ["eval.level=bothh"])
     # labels are per study: every image of a study carries the same 14 values
     table = pd.DataFrame(records.values[val], columns=records.labels.names).assign(study=ids)
     assert (table.groupby("study").nunique() == 1).all().all()
