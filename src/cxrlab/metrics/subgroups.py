@@ -61,7 +61,9 @@ def subgroup_report(probs, targets, mask, label_names, meta: pd.DataFrame, attri
     for attribute in attributes:
         column = subgroup_column(meta.reset_index(drop=True), attribute, age_bands)
         if column is None:
-            out[attribute] = {"unavailable": "the source gives no " + ("age" if attribute == "age_band" else attribute)}
+            column_name = "age" if attribute == "age_band" else attribute
+            out[attribute] = {"unavailable": f"the data has no {column_name!r} column: the source does not give it, "
+                                             "or its cache was prepared before cxrlab recorded it (prepare it anew)"}
             continue
         values = column.to_numpy(dtype=object)
         groups = [g for g in _ordered(values, attribute, age_bands) if g != "unknown"]
