@@ -150,7 +150,12 @@ def test_compare_passes_its_arguments_as_the_command_line_would(monkeypatch, tmp
     assert seen["recipes"] == ["a", str(tmp_path / "b.yaml")] and seen["cv"] == (1, 3)
     assert seen["overrides"] == ["train.epochs=2"]
     assert seen["tune"] == ["optim.lr=0.001,0.0003", "model.freeze=[stem, stages.0],[]"]
+    assert seen["paired"] == "folds"
     assert result.results == {"a": {}} and result.table == tmp_path / "comparison.json"
+    cxrlab.compare(["a", "b"], tmp_path, cv=(1, 3), paired="pooled")
+    assert seen["paired"] == "pooled"
+    with pytest.raises(CxrlabError, match="paired='mean'"):
+        cxrlab.compare(["a", "b"], tmp_path, paired="mean")
 
 
 def test_train_returns_the_run_and_refuses_a_finished_one(run, tmp_path):

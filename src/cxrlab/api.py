@@ -121,19 +121,23 @@ def cv(recipe: PathLike, out: PathLike, *, repeats: int | None = None, folds: in
 
 def compare(recipes: list[PathLike], out: PathLike, *, data: str | None = None, cv: tuple[int, int] | None = None,
             seeds: int | None = None, reference: str | None = None, resamples: int = 1000,
-            tune: dict[str, list] | None = None, **overrides: Any) -> ComparisonResult:
+            tune: dict[str, list] | None = None, paired: str = "folds", **overrides: Any) -> ComparisonResult:
     """``cxrlab compare``: several recipes on identical data and splits (``cv=(R, K)`` folds, or ``seeds``
     runs), side by side, each tested against ``reference`` (default: the first) on the same images.
     ``overrides`` apply to every recipe; ``data`` is every recipe's source; ``tune``, e.g.
-    ``{"optim.lr": [1e-3, 3e-4]}``, is ``--tune``: every recipe searches that grid, chosen on validation."""
+    ``{"optim.lr": [1e-3, 3e-4]}``, is ``--tune``: every recipe searches that grid, chosen on validation.
+    ``paired`` is ``--paired``: ``"folds"`` tests the mean of per-fold differences (the table's number),
+    ``"pooled"`` the pooled predictions."""
     from .workflows.cross_validation import compare as run_compare  # lazy: keeps `import cxrlab` free of torch
 
+    if paired not in ("folds", "pooled"):
+        raise CxrlabError(f"compare: paired={paired!r}; choose 'folds' (the mean of per-fold differences) or 'pooled'")
     if isinstance(recipes, (str, os.PathLike)):
         raise CxrlabError(f"compare takes a list of recipes, got {str(recipes)!r}; e.g. compare(['a', 'b'], out)")
     grid = [f"{key}={','.join(_yaml_value(key, v) for v in values)}" for key, values in (tune or {}).items()]
     report, table = run_compare([str(r) for r in recipes], Path(out), data=data, cv=cv, seeds=seeds,
                                 overrides=override_args(overrides), reference=reference, resamples=resamples,
-                                tune=grid)[:2]
+                                tune=grid, paired=paired)[:2]
     return ComparisonResult(Path(report), Path(table), json.loads(Path(table).read_text()))
 
 
