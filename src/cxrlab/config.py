@@ -306,9 +306,10 @@ def load_recipe(name_or_path: str | None = None, overrides: list[str] | tuple = 
         if not sep or not key.strip():
             raise CxrlabError(f"override {item!r} is not of the form key=value (e.g. train.epochs=3)")
         try:
-            parsed = yaml.safe_load(value)
-        except yaml.YAMLError as exc:  # also a tag such as !!python/object: safe_load builds no objects
-            raise CxrlabError(f"override {item!r}: the value is not valid YAML ({_yaml_reason(exc)})") from None
+            parsed = _parse_yaml(value)
+        except yaml.YAMLError as exc:  # also a tag such as !!python/object: the safe loader builds no objects
+            shown = item if len(item) <= 80 else f"{item[:60]}... ({len(item)} characters)"
+            raise CxrlabError(f"override {shown!r}: the value is not valid YAML ({_yaml_reason(exc)})") from None
         _set_path(raw, key.strip(), parsed)
     return from_dict(raw)
 
@@ -316,12 +317,36 @@ def load_recipe(name_or_path: str | None = None, overrides: list[str] | tuple = 
 def _read_recipe_file(path: Path, where: str) -> dict:
     """A recipe file's YAML mapping (safe loader: no tag builds an object), errors naming ``where``."""
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = _parse_yaml(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise CxrlabError(f"{where}: not valid YAML: {_yaml_reason(exc)}") from None
     if not isinstance(raw, dict):
         raise CxrlabError(f"{where}: expected a mapping at the top level")
     return raw
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """The safe loader (no tag builds an object) without aliases: a recipe never needs ``*name``, and a
+    few nested aliases (an "alias bomb" of 1 KB) expand to billions of values when the recipe is merged,
+    copied or printed."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, f"YAML alias *{event.anchor} is not allowed in "
+                                              "recipes (write the value out)", event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def _parse_yaml(text: str):
+    """A recipe's or an override's YAML; a number too long to convert (a 5,000-digit integer) is a YAML
+    error like any other rather than Python's ValueError."""
+    try:
+        return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+    except ValueError as exc:
+        if "digits" not in str(exc):
+            raise
+        raise yaml.YAMLError(f"a number longer than {sys.get_int_max_str_digits()} digits") from None
 
 
 def _yaml_reason(exc: yaml.YAMLError) -> str:
@@ -338,6 +363,9 @@ def _resolve_base(raw: dict, seen: tuple) -> dict:
     base = raw.pop("base", None)
     if base is None:
         return raw
+    if not isinstance(base, str) or not base.strip():
+        raise CxrlabError(f"recipe {seen[-1]}: 'base' must name one recipe or YAML file (e.g. base: nih_base), "
+                          f"got {type(base).__name__} {base!r}")
     if base in seen:
         raise CxrlabError(f"recipe base cycle: {' -> '.join(seen + (base,))}")
     path = find_recipe(base)
@@ -426,10 +454,13 @@ def _build(cls, raw: Any, prefix: str):
         full = f"{prefix}{key}"
         if key not in fields:
             hint = closest(key, fields)
-            raise CxrlabError(f"unknown config key {full!r}" + (f"; did you mean {prefix}{hint!r}?" if hint else "")
+            raise CxrlabError(f"unknown config key {full!r}" + (f"; did you mean {prefix + hint!r}?" if hint else "")
                               + f" (valid in {prefix.rstrip('.') or 'recipe'}: {', '.join(fields)})")
         kwargs[key] = _coerce(hints[key], value, full)
     return cls(**kwargs)
+
+
+_INT_LIMIT = 2**63 - 1
 
 
 def _coerce(hint, value, key: str):
@@ -473,6 +504,8 @@ def _coerce(hint, value, key: str):
         raise CxrlabError(f"config key {key!r} expects true/false, got {value!r}")
     if target is int and isinstance(value, bool):
         raise CxrlabError(f"config key {key!r} expects an integer, got {value!r}")
+    if target is int and isinstance(value, int) and abs(value) > _INT_LIMIT:  # what torch and numpy can hold
+        raise CxrlabError(f"config key {key!r}: {value:.3g} is out of range (at most {_INT_LIMIT} in size)")
     if not isinstance(value, target):
         raise CxrlabError(f"config key {key!r} expects {target.__name__}, got {type(value).__name__} {value!r}")
     return value
