@@ -73,3 +73,78 @@ def test_huge_integer_is_out_of_range_naming_the_key():
 def test_did_you_mean_quotes_the_whole_key():
     with pytest.raises(CxrlabError, match=r"did you mean 'train.epochs'\?"):
         load_recipe("demo", ["train.epoch=3"])
+
+
+# ---- item 9: duplicate rows in every source --------------------------------------------------------------
+
+NIH_HEADER = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
+              "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]")
+
+
+def nih_file(folder: Path, rows: list[str]) -> Path:
+    """A Data_Entry_2017_v2020.csv shaped like the real one (its first rows, then ``rows``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    real = ["00000001_000.png,Cardiomegaly,0,1,57,M,PA,2682,2749,0.143,0.143",
+            "00000001_001.png,Cardiomegaly|Emphysema,1,1,58,M,PA,2894,2729,0.143,0.143",
+            "00000002_000.png,No Finding,0,2,80,M,PA,2500,2048,0.171,0.171"]
+    (folder / "Data_Entry_2017_v2020.csv").write_text("\n".join([NIH_HEADER, *real, *rows]) + "\n")
+    return folder
+
+
+@pytest.mark.parametrize("row, differ", [
+    ("00000001_001.png,Cardiomegaly|Emphysema,1,7,58,M,PA,2894,2729,0.143,0.143", "'Patient ID'"),
+    ("00000001_001.png,Emphysema,1,1,58,M,PA,2894,2729,0.143,0.143", "'Finding Labels'"),
+])
+def test_nih_conflicting_duplicate_is_refused_naming_the_lines(tmp_path, row, differ):
+    from cxrlab.data.sources import parse_source
+
+    root = nih_file(tmp_path / "nih", [row])
+    with pytest.raises(CxrlabError, match=rf"Data_Entry_2017_v2020.csv: lines 3 and 5 list the same image "
+                                          rf"'00000001_001.png' with different {differ}"):
+        parse_source(f"nih:{root}")
+
+
+def test_nih_exact_duplicate_warned_and_droppable(tmp_path, caplog):
+    from cxrlab.data.sources import parse_source
+
+    # the same findings in another order are the same row
+    root = nih_file(tmp_path / "nih", ["00000001_001.png,Emphysema|Cardiomegaly,1,1,58,M,PA,2894,2729,0.143,0.143"])
+    with caplog.at_level(logging.WARNING, logger="cxrlab"):
+        assert len(parse_source(f"nih:{root}").meta) == 4
+    assert "1 duplicate rows (lines 5) kept" in caplog.text
+    dropped = parse_source(f"nih:{root}", duplicates="drop")
+    assert list(dropped.meta["path"].str.rsplit("/", n=1).str[-1]) == ["00000001_000.png", "00000001_001.png",
+                                                                      "00000002_000.png"]
+    assert dropped.values[1].sum() == 2  # Cardiomegaly and Emphysema
+
+
+def chexpert_valid(folder: Path, extra: list[str], shared_data: Path) -> Path:
+    """valid.csv with its first three real rows, then ``extra``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = (shared_data / "chexpert" / "valid.csv").read_text().splitlines()
+    (folder / "valid.csv").write_text("\n".join(lines[:4] + extra) + "\n")
+    return folder
+
+
+def test_chexpert_conflicting_duplicate_is_refused_naming_the_lines(tmp_path, shared_data):
+    from cxrlab.data.sources import parse_source
+
+    line = (shared_data / "chexpert" / "valid.csv").read_text().splitlines()[2]
+    changed = line.rsplit(",", 1)[0] + ",0.0"  # Support Devices 1.0 -> 0.0
+    root = chexpert_valid(tmp_path / "CheXpert-v1.0-small", [changed], shared_data)
+    image = line.split(",")[0]
+    with pytest.raises(CxrlabError, match=rf"valid.csv: lines 3 and 5 list the same image '{image}' with "
+                                          r"different 'labels'"):
+        parse_source(f"chexpert:{root}")
+
+
+def test_chexpert_exact_duplicate_warned_and_droppable(tmp_path, shared_data, caplog):
+    from cxrlab.data.sources import parse_source
+
+    line = (shared_data / "chexpert" / "valid.csv").read_text().splitlines()[2]
+    same = line.replace(",1.0", ",1")  # 1 and 1.0 are the same label
+    root = chexpert_valid(tmp_path / "CheXpert-v1.0-small", [same], shared_data)
+    with caplog.at_level(logging.WARNING, logger="cxrlab"):
+        assert len(parse_source(f"chexpert:{root}").meta) == 4
+    assert "1 duplicate rows (lines 5) kept" in caplog.text
+    assert len(parse_source(f"chexpert:{root}", duplicates="drop").meta) == 3

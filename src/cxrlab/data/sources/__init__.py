@@ -30,13 +30,14 @@ def parse_source(spec: str, views=None, labeller: str = "chexpert", labels=None,
     ``views``: None keeps every view; else "frontal", "lateral", a view position ("PA") or a list or
     comma-separated string of them. ``labeller``: MIMIC's chexpert or negbio labels. ``labels``: the
     label columns of a ``csv:`` source, or the label space a ``folder:`` source reports. ``duplicates``:
-    ``warn`` or ``drop`` exact duplicate rows of a ``csv:`` source.
+    ``warn`` or ``drop`` exact duplicate rows of a ``csv:``, ``nih:`` or ``chexpert:`` source (rows that
+    list one image with another patient or other labels are an error in each).
     """
     kind, location = split_spec(spec)
     if kind == "nih":
-        return load_nih(location, views)
+        return load_nih(location, views, duplicates=duplicates)
     if kind == "chexpert":
-        return load_chexpert(location, views)
+        return load_chexpert(location, views, duplicates=duplicates)
     if kind == "mimic":
         return load_mimic(location, views, labeller=labeller)
     if kind == "csv":

@@ -5,6 +5,7 @@ about a second. Row numbers in errors are file line numbers (the header is line 
 """
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ...config import Duplicates, choose
 from ...errors import CxrlabError, closest, unknown
 from ...labels import LABEL_SPACES, LabelSpace
 from ..records import Records
@@ -206,3 +208,30 @@ def filter_views(records: Records, views) -> Records:
 def first_line(mask) -> int:
     """File line of the first True in a row mask (header is line 1)."""
     return int(np.argmax(np.asarray(mask, dtype=bool))) + 2
+
+
+def duplicate_rows(key: pd.DataFrame, where, duplicates: str = "warn", image: str = "path") -> np.ndarray:
+    """The rows of a label file to keep. ``key`` holds, in file order (position ``i`` = line ``i + 2``),
+    the ``image`` column and the columns that must agree for one image (patient, labels). Rows repeating
+    an image with the same values: a warning with their count and lines (dropped with
+    ``duplicates="drop"``); the same image with different values: an error naming the first two such lines
+    and the columns that differ, since the image could land on both sides of a patient-disjoint split."""
+    duplicates = choose(Duplicates, duplicates, "duplicates option")
+    key = key.reset_index(drop=True).astype("str").apply(lambda col: col.str.strip())
+    exact = key.duplicated(keep="first").to_numpy(bool)
+    if exact.any():
+        lines = ", ".join(str(i + 2) for i in np.flatnonzero(exact)[:5])
+        action = "dropped" if duplicates is Duplicates.DROP else "kept (data.duplicates=drop drops them)"
+        logging.getLogger("cxrlab").warning(f"warning: {where}: {int(exact.sum())} duplicate rows (lines "
+                                            f"{lines}{', ...' if exact.sum() > 5 else ''}) {action}")
+    distinct = key[~exact]
+    clash = distinct[image].duplicated(keep=False).to_numpy(bool)
+    if clash.any():
+        first = distinct[clash].iloc[0][image]
+        rows = np.flatnonzero(distinct[image].to_numpy() == first)
+        a, b = distinct.index[rows[0]], distinct.index[rows[1]]
+        differ = [c for c in key.columns if c != image and key.at[a, c] != key.at[b, c]]
+        raise CxrlabError(f"{where}: lines {a + 2} and {b + 2} list the same image {first!r} with different "
+                          f"{', '.join(repr(c) for c in differ)}; one image must have one patient and one "
+                          "set of labels")
+    return ~exact if duplicates is Duplicates.DROP else np.ones(len(key), dtype=bool)

@@ -18,17 +18,19 @@ import pandas as pd
 from ...errors import CxrlabError
 from ...labels import CHEXPERT14
 from ..records import Records
-from ._common import abspath, find_file, finish, first_line, label_matrix, make_meta, read_table, require_columns
+from ._common import (abspath, duplicate_rows, find_file, finish, first_line, label_matrix, make_meta, read_table,
+                      require_columns)
 
 FILES = {"train": "train.csv", "val": "valid.csv", "test": "test_labels.csv"}
 PATH_PATTERN = r"(?:^|/)(patient\d+)/(study\d+)/"
 
 
-def load_chexpert(location, views=None) -> Records:
+def load_chexpert(location, views=None, duplicates: str = "warn") -> Records:
     """Records over CHEXPERT14 with raw values (1, 0, -1, NaN) and ``split`` train (train.csv) /
     val (valid.csv) / test (test_labels.csv, when present). ``location`` is the dataset folder, its
-    parent, or one of the CSV files."""
-    tables = [_read_split(csv, part) for csv, part in _label_files(abspath(location))]
+    parent, or one of the CSV files. A path listed twice in a file with other labels is an error naming
+    both lines; exact repeats are a warning (``duplicates="drop"`` keeps the first)."""
+    tables = [_read_split(csv, part, duplicates) for csv, part in _label_files(abspath(location))]
     values = np.concatenate([v for v, _ in tables])
     meta = pd.concat([m for _, m in tables], ignore_index=True)
     return finish("chexpert", CHEXPERT14, values, meta, views, location)
@@ -49,7 +51,7 @@ def _label_files(location: Path) -> list[tuple[Path, str]]:
                       "or its CheXpert-v1.0* folder")
 
 
-def _read_split(csv: Path, part: str) -> tuple[np.ndarray, pd.DataFrame]:
+def _read_split(csv: Path, part: str, duplicates: str = "warn") -> tuple[np.ndarray, pd.DataFrame]:
     df = read_table(csv)
     require_columns(df, ("Path", *(() if part == "test" else ("Frontal/Lateral",)), *CHEXPERT14.names), csv)
     values = label_matrix(df, CHEXPERT14.names, csv)
@@ -60,6 +62,14 @@ def _read_split(csv: Path, part: str) -> tuple[np.ndarray, pd.DataFrame]:
         line = first_line(bad)
         raise CxrlabError(f"{csv}: line {line}: path {rel.iloc[line - 2]!r} does not contain "
                           "patientNNNNN/studyN/")
+    # the patient is part of the path, so only the labels can clash: one number per row (blank, 0, 1, -1
+    # as base-4 digits), so 1 and 1.0 agree
+    digits = np.select([np.isnan(values), values == 0, values == 1], [0, 1, 2], 3).astype(np.int64)
+    labels = digits @ (4 ** np.arange(values.shape[1], dtype=np.int64))
+    keep = duplicate_rows(pd.DataFrame({"Path": rel, "labels": labels}), csv, duplicates, image="Path")
+    if not keep.all():
+        df, values = df[keep].reset_index(drop=True), values[keep]
+        rel, ids = rel[keep].reset_index(drop=True), ids[keep].reset_index(drop=True)
     if "Frontal/Lateral" in df.columns:
         side = df["Frontal/Lateral"].astype("str").str.strip()
     else:  # test_labels.csv: view1_frontal.jpg / view2_lateral.jpg

@@ -1,7 +1,6 @@
 """A user's own data: a CSV of paths and label columns, or a folder of images without labels."""
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
@@ -13,8 +12,8 @@ from ...errors import CxrlabError, unknown
 from ...labels import LabelSpace, parse_labels
 from ..images import IMAGE_SUFFIXES
 from ..records import Records
-from ._common import (abspath, finish, first_line, label_matrix, looks_numeric, make_meta, read_table,
-                      require_columns, space_for)
+from ._common import (abspath, duplicate_rows, finish, first_line, label_matrix, looks_numeric, make_meta,
+                      read_table, require_columns, space_for)
 
 META_COLUMNS = ("path", "patient_id", "study_id", "view", "split", "sex", "age")
 YES_NO = {"yes", "no", "y", "n", "true", "false", "positive", "negative"}
@@ -42,7 +41,7 @@ def load_csv(location, views=None, labels=None, duplicates: str = "warn") -> Rec
     require_columns(df, ["path"], csv)
     path_column = "path"
     columns = _label_columns(df, path_column, labels, csv)
-    keep = _duplicates(df, csv, duplicates, [c for c in ("patient_id", *columns) if c in df.columns])
+    keep = duplicate_rows(df[["path", *(c for c in ("patient_id", *columns) if c in df.columns)]], csv, duplicates)
     try:
         values = label_matrix(df, columns, csv)
     except CxrlabError as exc:
@@ -79,31 +78,6 @@ def _label_columns(df: pd.DataFrame, path_column: str, labels, csv: Path) -> lis
                 raise CxrlabError(f"{csv}: column {c!r} holds yes/no words ({', '.join(sorted(words))}); write "
                                   "labels as 1 (positive), 0 (negative), -1 (uncertain) or blank (unknown)")
     return [c for c in df.columns if c not in skip and looks_numeric(df[c])]
-
-
-def _duplicates(df: pd.DataFrame, csv: Path, duplicates: str, identity: list[str]) -> np.ndarray:
-    """The rows to keep. Rows repeating a path with the same ``identity`` (patient, labels): a warning
-    with their count (dropped with ``duplicates="drop"``); the same path with a different identity: an
-    error naming the first two such lines."""
-    key = df[["path", *identity]].astype("str").apply(lambda col: col.str.strip())
-    exact = key.duplicated(keep="first").to_numpy(bool)
-    if exact.any():
-        lines = ", ".join(str(i + 2) for i in np.flatnonzero(exact)[:5])
-        action = "dropped" if duplicates is Duplicates.DROP else "kept (data.duplicates=drop drops them)"
-        logging.getLogger("cxrlab").warning(f"warning: {csv}: {int(exact.sum())} duplicate rows (lines "
-                                            f"{lines}{', ...' if exact.sum() > 5 else ''}) {action}")
-    distinct = key[~exact]
-    clash = distinct["path"].duplicated(keep=False).to_numpy(bool)
-    if clash.any():
-        first = distinct[clash].iloc[0]["path"]
-        rows = np.flatnonzero(distinct["path"].to_numpy() == first)
-        a, b = distinct.index[rows[0]], distinct.index[rows[1]]
-        differ = [c for c in identity if key.at[a, c] != key.at[b, c]]
-        raise CxrlabError(f"{csv}: lines {a + 2} and {b + 2} list the same image {first!r} with different "
-                          f"{', '.join(repr(c) for c in differ)}; one image must have one patient and one "
-                          "set of labels")
-    return ~exact if duplicates is Duplicates.DROP else np.ones(len(df), dtype=bool)
-
 
 
 def _column_or(df: pd.DataFrame, column: str, default) -> pd.Series | None:

@@ -16,7 +16,8 @@ from ...errors import CxrlabError, unknown
 from ...labels import NIH14, NO_FINDING
 from ..images import IMAGE_SUFFIXES
 from ..records import Records
-from ._common import abspath, find_file, finish, first_line, make_meta, read_table, require_columns
+from ._common import (abspath, duplicate_rows, find_file, finish, first_line, make_meta, read_table,
+                      require_columns)
 
 LABEL_FILES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")
 COLUMNS = ("Image Index", "Finding Labels", "Patient ID", "View Position")
@@ -24,9 +25,11 @@ DEMOGRAPHICS = ("Patient Age", "Patient Gender")  # optional: subgroup evaluatio
 SPLIT_FILES = {"train": "train_val_list.txt", "test": "test_list.txt"}
 
 
-def load_nih(location, views=None) -> Records:
+def load_nih(location, views=None, duplicates: str = "warn") -> Records:
     """Records over NIH14 (all labels known: absent = 0); ``split`` = train/test when the official
-    lists are present (train_val counts as train; validation is carved from it by patient)."""
+    lists are present (train_val counts as train; validation is carved from it by patient). An image
+    listed twice with another patient or other findings is an error naming both lines; exact repeats
+    are a warning (``duplicates="drop"`` keeps the first)."""
     location = abspath(location)
     if location.is_file():
         root, csv = location.parent, location
@@ -38,6 +41,11 @@ def load_nih(location, views=None) -> Records:
     require_columns(df, COLUMNS, csv)
     names = df["Image Index"].astype("str").str.strip()
     values = _finding_matrix(df["Finding Labels"], csv)
+    findings = values.astype(np.int64) @ (1 << np.arange(values.shape[1], dtype=np.int64))  # A|B = B|A
+    keep = duplicate_rows(pd.DataFrame({"Image Index": names, "Patient ID": df["Patient ID"],
+                                        "Finding Labels": findings}), csv, duplicates, image="Image Index")
+    if not keep.all():
+        df, names, values = df[keep].reset_index(drop=True), names[keep].reset_index(drop=True), values[keep]
     paths = _image_paths(root, names)
     split = _official_split(root, names)
     view = df["View Position"]
