@@ -329,3 +329,137 @@ def test_a_failing_request_does_not_take_the_server_down(model_files, shared_dat
         assert first.status_code == 500 and "simulated failure" in first.json()["detail"]
         assert c.post("/predict", files={"files": ("a.png", data)}).status_code == 200
         assert c.get("/health").json() == {"status": "ready", "in_flight": 0, "capacity": 9}
+
+
+# ---------------------------------------------------------------- issue 27: the page's endpoints, schema, no torch
+
+def test_preview_is_the_model_preprocessing_at_a_readable_size(onnx_server, shared_data):
+    """/preview renders the upload through the one preprocessing path at `size` px (a DICOM too)."""
+    from PIL import Image
+
+    from cxrlab.data.preprocess import preprocess
+    from cxrlab.model_card import InputSpec
+
+    client, _ = onnx_server
+    for path in (shared_data / "dicom" / "siim_pneumothorax_example.dcm", shared_data / "covid" / "16747_3_1.jpg"):
+        response = client.post("/preview", files={"file": (path.name, path.read_bytes())}, data={"size": "256"})
+        assert response.status_code == 200 and response.headers["content-type"] == "image/png", response.text
+        picture = np.asarray(Image.open(io.BytesIO(response.content)))
+        np.testing.assert_array_equal(picture, preprocess(InputSpec(256, "pad"), path))
+    response = client.post("/preview", files={"file": ("a.png", b"not an image")})
+    assert response.status_code == 415 and response.json()["detail"].startswith("a.png: not a PNG")
+    response = client.post("/preview", files={"file": ("a.jpg", b"x")}, data={"size": "5000"})
+    assert response.status_code == 422 and "size must be 64 to 1024 pixels, got 5000" in response.json()["detail"]
+
+
+def test_heatmap_at_display_size_leaves_the_letterbox_uncoloured(onnx_server, shared_data):
+    """The 1036×885 JPEG fills rows 18..236 of a 256² fit (219 = round(885·256/1036), top = (256-219)//2):
+    those rows carry colour, the padding above and below stays grey (black, as the model saw it)."""
+    from PIL import Image
+
+    client, _ = onnx_server
+    data = (shared_data / "covid" / "16747_3_1.jpg").read_bytes()
+    response = client.post("/heatmap", files={"file": ("c.jpg", data)}, data={"label": "Effusion", "size": "256"})
+    assert response.status_code == 200, response.text
+    rgb = np.asarray(Image.open(io.BytesIO(response.content))).astype(int)
+    assert rgb.shape == (256, 256, 3)
+    colour = np.abs(rgb[..., 0] - rgb[..., 2]) + np.abs(rgb[..., 1] - rgb[..., 2])
+    assert colour[:18].max() == 0 and colour[237:].max() == 0 and rgb[:18].max() == 0
+    assert (colour[18:237] > 0).mean() > 0.9
+
+
+def test_predict_takes_a_single_file_field_and_says_which_field(onnx_server, shared_data):
+    client, _ = onnx_server
+    data = (shared_data / "nih" / "00000001_000.png").read_bytes()
+    single = client.post("/predict", files={"file": ("one.png", data)})
+    several = client.post("/predict", files={"files": ("one.png", data)})
+    assert single.status_code == 200 and single.json()["results"] == several.json()["results"]
+    wrong = client.post("/predict", files={"image": ("one.png", data)})
+    assert wrong.status_code == 422
+    assert wrong.json()["detail"] == "no file uploaded: send the image(s) as the multipart field 'files' (or one as 'file')"
+
+
+def test_openapi_lists_every_answer_with_its_meaning(onnx_server):
+    client, _ = onnx_server
+    schema = client.get("/openapi.json").json()
+    paths = schema["paths"]
+    for path in ("/predict", "/heatmap", "/preview"):
+        responses = paths[path]["post"]["responses"]
+        assert {"200", "413", "415", "422", "500", "503", "504"} <= set(responses), path
+        assert "before parsing" in responses["413"]["description"]
+        assert "content" in responses["415"]["description"] and "busy" in responses["503"]["description"]
+    assert "loading" in paths["/health"]["get"]["responses"]["503"]["description"]
+    ref = paths["/predict"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"]
+    body = schema["components"]["schemas"][ref.rsplit("/", 1)[1]]
+    assert {"files", "file"} <= set(body["properties"]) and not body.get("required")
+    docs = client.get("/docs").text
+    assert "<b>413</b> request body over the upload limit" in docs and "<b>504</b> inference took longer" in docs
+    assert "<code>file</code>" in docs and "<code>size</code>" in docs
+
+
+def test_version_provenance_and_favicon(onnx_server, model_files):
+    client, _ = onnx_server
+    sidecar = json.loads(model_files[1].with_name("model.onnx.json").read_text())
+    origin = client.get("/version").json()["provenance"]
+    assert origin["source"] == sidecar["training"]["source"] and origin["source"].startswith("synthetic:")
+    assert origin["data_kind"] == "synthetic" and origin["dataset"] == "synthetic radiographs"
+    assert origin["date"] == time.strftime("%Y-%m-%d", time.gmtime()) and origin["date_from"] == "card"
+    assert origin["model_sha256"] == sidecar["model_sha256"]
+    assert origin["summary"].startswith(f"trained on synthetic radiographs ({origin['source']})")
+    icon = client.get("/favicon.ico")
+    assert icon.status_code == 200 and icon.headers["content-type"].startswith("image/svg+xml")
+    assert icon.text.startswith("<svg")
+
+
+def test_provenance_of_real_data_and_of_an_old_card(tmp_path):
+    """A real source reads 'real'; a card without a date takes the model file's date, and says so."""
+    import os
+
+    from cxrlab.inference.provenance import data_kind, provenance
+    from cxrlab.model_card import InputSpec, ModelCard, Training
+
+    assert [data_kind(s) for s in ("nih:/data/x", "csv:a.csv", "synthetic:300", "", "odd")] == \
+        ["real", "real", "synthetic", "unknown", "unknown"]
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"x")
+    os.utime(model, (86400 * 365, 86400 * 365))  # 1971-01-01
+    card = ModelCard(labels=("A",), input=InputSpec(64), training=Training(recipe="nih_bce", source="nih:/data/x"))
+    origin = provenance(card, {"format": "onnx", "sha256": "ab" * 32}, model)
+    assert (origin["data_kind"], origin["date"], origin["date_from"]) == ("real", "1971-01-01", "file")
+    assert origin["summary"] == ("trained on NIH ChestX-ray14 (nih:/data/x) · recipe nih_bce · file dated 1971-01-01 · "
+                                 "model abababababab")
+
+
+NO_TORCH = """
+import sys
+class Block:  # torch, torchvision and timm cannot be imported, as on a `pip install 'cxrlab[serve]'` box
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "torchvision", "timm"):
+            raise ImportError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, Block())
+from fastapi.testclient import TestClient
+from cxrlab.inference.server import create_app
+model, image = sys.argv[1], open(sys.argv[2], "rb").read()
+with TestClient(create_app(model, workers=1, threads=1)) as client:
+    assert client.get("/health").json()["status"] == "ready"
+    body = client.post("/predict", files={"files": ("a.png", image)}).json()
+    assert body["results"][0]["error"] is None, body
+    heat = client.post("/heatmap", files={"file": ("a.png", image)}, data={"label": "Effusion", "size": "128"})
+    assert heat.status_code == 200, heat.text
+    assert client.post("/preview", files={"file": ("a.png", image)}).status_code == 200
+    assert client.get("/version").json()["provenance"]["data_kind"] == "synthetic"
+print(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision", "timm")))
+"""
+
+
+def test_serving_an_onnx_model_imports_no_torch(model_files, shared_data, tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "serve_without_torch.py"
+    script.write_text(NO_TORCH)
+    done = subprocess.run([sys.executable, str(script), str(model_files[1]), str(shared_data / "nih" / "00000001_000.png")],
+                          capture_output=True, text=True, timeout=300, env={**__import__("os").environ,
+                                                                            "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"

@@ -25,6 +25,7 @@ import math
 import os
 import random
 import shutil
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -132,7 +133,9 @@ def _training_card(info: dict, weights: dict[str, torch.Tensor]) -> ModelCard:
     stats = {key: [float(v) for k, v in weights.items() if k.startswith("model.") and k.endswith(f".input_{key}")]
              for key in ("mean", "std")}
     spec = replace(card.input, mean=tuple(stats["mean"]), std=tuple(stats["std"])) if stats["mean"] else card.input
-    return card.replace(input=spec, versions={**card.versions, "cxrlab": __version__, "torch": torch.__version__})
+    training = replace(card.training, date=card.training.date or time.strftime("%Y-%m-%d", time.gmtime()))
+    return card.replace(input=spec, training=training,
+                        versions={**card.versions, "cxrlab": __version__, "torch": torch.__version__})
 
 
 def set_thresholds(checkpoint: Path, thresholds, source: str = "") -> None:

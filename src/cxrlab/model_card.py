@@ -68,6 +68,7 @@ class Training:
     policy: str = "full"
     min_positives: int = DEFAULT_MIN_POSITIVES
     exclude_unreliable: bool = False
+    date: str = ""  # UTC date (YYYY-MM-DD) the checkpoint was written; "" in cards from before it
 
 
 @dataclass(frozen=True)

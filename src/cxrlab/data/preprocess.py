@@ -28,8 +28,14 @@ def preprocess(spec: InputSpec, source) -> np.ndarray:
         if source.ndim != 2:
             raise CxrlabError(f"expected a 2-D grey image, got shape {source.shape}")
         return fit_image(source, spec.size, spec.resize)
-    image, shape = decode(Path(source), fit=(spec.size, spec.resize), uint8=True)
-    return fit_image(image, spec.size, spec.resize, shape=shape)
+    return preprocess_file(spec, source)[0]
+
+
+def preprocess_file(spec: InputSpec, path) -> tuple[np.ndarray, tuple[int, int]]:
+    """(the model input of the file at ``path``, the decoded image's full H×W, e.g. for
+    :func:`content_box`)."""
+    image, shape = decode(Path(path), fit=(spec.size, spec.resize), uint8=True)
+    return fit_image(image, spec.size, spec.resize, shape=shape), shape
 
 
 def preprocess_record(spec: InputSpec, records: Records, row: int) -> np.ndarray:
@@ -58,15 +64,29 @@ def fit_image(image: np.ndarray, size: int, mode: str = "pad", shape: tuple[int,
     h, w = shape or image.shape
     if (h, w) == (size, size) == image.shape:
         return np.ascontiguousarray(image)
-    scale = size / (max(h, w) if mode == "pad" else min(h, w))
-    new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
+    new_h, new_w = scaled_size(h, w, size, mode)
     resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BILINEAR,
                                                         reducing_gap=3.0))
     out = np.zeros((size, size), dtype=np.uint8)
     if mode == "pad":
-        top, left = (size - new_h) // 2, (size - new_w) // 2
+        top, left, _, _ = content_box(h, w, size, mode)
         out[top:top + new_h, left:left + new_w] = resized
     else:
         top, left = (new_h - size) // 2, (new_w - size) // 2
         out[:] = resized[top:top + size, left:left + size]
     return out
+
+
+def scaled_size(h: int, w: int, size: int, mode: str = "pad") -> tuple[int, int]:
+    """(height, width) an H×W image is scaled to before it is padded or cut to ``size``²."""
+    scale = size / (max(h, w) if mode == "pad" else min(h, w))
+    return max(1, round(h * scale)), max(1, round(w * scale))
+
+
+def content_box(h: int, w: int, size: int, mode: str = "pad") -> tuple[int, int, int, int]:
+    """(top, left, height, width) of the image inside its ``size``² fit; the rest is padding (pad mode
+    only: a crop fills the whole square)."""
+    if mode != "pad":
+        return 0, 0, size, size
+    new_h, new_w = scaled_size(h, w, size, mode)
+    return (size - new_h) // 2, (size - new_w) // 2, new_h, new_w

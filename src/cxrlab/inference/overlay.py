@@ -35,14 +35,29 @@ def normalise_maps(maps: np.ndarray) -> np.ndarray:
     return ((maps - low) / np.maximum(high - low, 1e-12)).astype(np.float32)
 
 
-def overlay_png(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4) -> bytes:
-    """PNG bytes of a uint8 grey image with a [0, 1] heatmap over it in the ``jet`` colour map."""
+def overlay_png(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4, box=None) -> bytes:
+    """PNG bytes of a uint8 grey image with a [0, 1] heatmap over it in the ``jet`` colour map.
+
+    ``box``: (top, left, height, width) of the image inside a letterboxed fit; the padding around it is
+    left grey (the model saw black there, and a colour would read as a finding)."""
     from matplotlib import colormaps
-    from PIL import Image
 
     grey = np.repeat(np.asarray(image, dtype=np.float32)[..., None] / 255.0, 3, axis=-1)
     colour = colormaps["jet"](np.clip(heatmap, 0.0, 1.0))[..., :3]
-    mixed = (1 - alpha) * grey + alpha * colour
+    weight = np.full(grey.shape[:2] + (1,), alpha, dtype=np.float32)
+    if box is not None:
+        top, left, height, width = box
+        inside = np.zeros(grey.shape[:2], dtype=bool)
+        inside[top:top + height, left:left + width] = True
+        weight[~inside] = 0.0
+    mixed = (1 - weight) * grey + weight * colour
+    return png_bytes(np.round(mixed * 255).astype(np.uint8))
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    """PNG bytes of a uint8 grey (H×W) or RGB (H×W×3) array."""
+    from PIL import Image
+
     buffer = io.BytesIO()
-    Image.fromarray(np.round(mixed * 255).astype(np.uint8)).save(buffer, format="PNG")
+    Image.fromarray(pixels).save(buffer, format="PNG")
     return buffer.getvalue()

@@ -36,16 +36,40 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
+from ..data.preprocess import content_box
 from ..errors import CxrlabError, unknown
+from ..model_card import InputSpec
 from .api_reference import api_reference_html
 from .batch import predict_tolerant
-from .overlay import overlay_png
+from .interop import outputs as interop
+from .overlay import overlay_png, png_bytes, resize_maps
 from .predictor import Predictor
-from .uploads import MAX_PIXELS, decode_upload
+from .provenance import provenance
+from .uploads import MAX_PIXELS, decode_upload, decode_upload_shaped
 
 MAX_UPLOAD_BYTES = 50 * 2**20
 STATIC = Path(__file__).with_name("static")
 DISCLAIMER = "Research tool, not a medical device: not for diagnosis or treatment decisions."
+PREVIEW_SIZES = (64, 1024)  # /preview and /heatmap's display size: readable, and bounded (memory per request)
+
+
+def _error(meaning: str, example: str) -> dict:
+    return {"description": meaning, "content": {"application/json": {"example": {"detail": example}}}}
+
+
+# every answer an endpoint can give besides 200, with its meaning (FastAPI's responses=: /docs and the schema)
+E413 = {413: _error("request body over the upload limit (refused while it streams in, before parsing)",
+                    "request body of 60,000,000 bytes exceeds the limit of 52,428,800 bytes")}
+E415 = {415: _error("not a PNG, JPEG or DICOM file, judged by its content whatever its name says",
+                    "a.png: not a PNG, JPEG or DICOM file (by its content, which starts with 74 68 69 73)")}
+E422 = {422: _error("an image that cannot be decoded, a declared size over the pixel limit (a decompression "
+                    "bomb), a missing upload, or a field out of range (unknown label or heatmap method)",
+                    "a.png: declared size 20000×20000×1 frames = 400,000,000 pixels exceeds the limit")}
+E500 = {500: _error("internal error: this request failed, the server carries on", "internal error: ...")}
+E503 = {503: _error("server busy: every worker and queue place is taken; retry later",
+                    "server busy: 10 requests in progress; retry later")}
+E504 = {504: _error("inference took longer than the server's timeout", "inference took longer than 30 s")}
+UPLOAD_ERRORS = {**E413, **E415, **E422, **E503, **E504, **E500}
 
 
 # ------------------------------------------------------------------------------------------- model
@@ -216,27 +240,65 @@ def create_app(model_path, workers: int = 2, queue: int = 8, timeout: float = 30
             raise failures[0]
         return probs, failures
 
-    def heatmap_job(name: str, data: bytes, label: int, method: str) -> tuple[float, bytes]:
+    def display(data: bytes, name: str, size: int) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+        """The upload through the model's preprocessing at ``size`` px (a readable picture of what the
+        model sees, DICOM windowing included) and where the image lies inside the letterbox."""
+        spec = InputSpec(size, backend.spec.resize, backend.spec.decoder)
+        picture, (h, w) = decode_upload_shaped(data, name, spec, max_pixels, tmp_root)
+        return picture, content_box(h, w, size, spec.resize)
+
+    def heatmap_job(name: str, data: bytes, label: int, method: str, size: int | None) -> tuple[float, bytes]:
         fitted = decode(data, name)
         probs, heat = backend.heatmaps(fitted, [label], method)
-        return float(probs[label]), overlay_png(fitted, heat[0])
+        picture, box = display(data, name, size or backend.image_size)
+        if picture.shape != heat[0].shape:
+            heat = resize_maps(heat, picture.shape)
+        return float(probs[label]), overlay_png(picture, heat[0], box=box)
+
+    def preview_job(name: str, data: bytes, size: int) -> bytes:
+        if delay:
+            time.sleep(delay)
+        return png_bytes(display(data, name, size)[0])
+
+    def display_size(size: int | None) -> int | None:
+        low, high = PREVIEW_SIZES
+        if size is not None and not low <= size <= high:
+            raise RequestError(422, f"size must be {low} to {high} pixels, got {size}")
+        return size
 
     def label_index(label: str) -> int:
         if label not in backend.label_names:
             raise RequestError(422, str(unknown("label", label, backend.label_names)))
         return backend.label_names.index(label)
 
-    async def read(files: list[UploadFile]) -> list[tuple[str, bytes]]:
+    async def read(files: list[UploadFile], field: str = "files") -> list[tuple[str, bytes]]:
         if not files:
-            raise RequestError(422, "no file uploaded (multipart field 'files')")
+            raise RequestError(422, f"no file uploaded: send the image(s) as the multipart field '{field}'"
+                                    + (" (or one as 'file')" if field == "files" else ""))
         return [(f.filename or f"file {i + 1}", await f.read()) for i, f in enumerate(files)]
 
-    @app.post("/predict", summary="Per-label probability, threshold and decision for one or several images")
-    async def predict(files: list[UploadFile] = File(..., description="PNG, JPEG or DICOM files"),
+    @app.post("/predict", summary="Per-label probability, threshold and decision for one or several images",
+              description="A file that cannot be read gets its own `error` (and null labels) beside the others' "
+                          "answers (200); only when every file is refused does the request get that refusal's "
+                          "status (415 or 422).", responses=UPLOAD_ERRORS)
+    async def predict(files: list[UploadFile] | None = File(None, description="PNG, JPEG or DICOM files, one "
+                                                            "part per image"),
+                      file: UploadFile | None = File(None, description="one image, as /heatmap and /preview "
+                                                     "take it (instead of files)"),
                       labels: str | None = Query(None, description="comma-separated labels to report "
-                                                 "(default: the model's); untrained ones come back null")):
-        uploads = await read(files)
+                                                 "(default: the model's); untrained ones come back null"),
+                      format: str = Query("json", description="json; dicom-sr: a DICOM SR per image (one: "
+                                          "application/dicom, several: a ZIP); fhir: an R4B Bundle. Both report "
+                                          "every label of the model and need the interop extra"),
+                      generate_uids: bool = Query(False, description="dicom-sr of a PNG/JPEG: an SR about "
+                                                  "made-up UIDs (otherwise 422)")):
+        uploads = await read((files or []) + ([file] if file is not None else []))
+        headers = interop.http_sources(format, [n for n, _ in uploads], [d for _, d in uploads], generate_uids)
         probs, failures = await pool.run(predict_job, uploads)
+        if format != "json":  # DICOM SR / FHIR (inference.interop)
+            errors = ["" if exc is None else str(exc) for exc in failures]
+            body, media = interop.http_body(format, [n for n, _ in uploads], probs, errors, backend, headers)
+            return Response(body, media_type=media)
         wanted = [n.strip() for n in labels.split(",") if n.strip()] if labels else backend.label_names
         results = []
         for (name, _), row, exc in zip(uploads, probs, failures):
@@ -258,38 +320,69 @@ def create_app(model_path, workers: int = 2, queue: int = 8, timeout: float = 30
                 "disclaimer": DISCLAIMER}
 
     @app.post("/heatmap", summary="PNG overlay of one label's heatmap on the image as the model sees it",
-              response_class=Response, responses={200: {"content": {"image/png": {}}}})
-    async def heatmap(file: UploadFile = File(...), label: str = Form(...),
-                      method: str = Form("native", description="native | gradcam | gradcampp")):
+              description="Jet colours from the map's own minimum (blue) to its maximum (red); the letterbox "
+                          "padding of a non-square image is left uncoloured.",
+              response_class=Response, responses={200: {"content": {"image/png": {}},
+                                                        "description": "the overlay (headers X-Label, "
+                                                        "X-Probability, X-Method)"}, **UPLOAD_ERRORS})
+    async def heatmap(file: UploadFile = File(..., description="one PNG, JPEG or DICOM image"),
+                      label: str = Form(..., description="one of the model's labels (see /labels)"),
+                      method: str = Form("native", description="native | gradcam | gradcampp"),
+                      size: int | None = Form(None, description=f"side of the picture in pixels, "
+                                              f"{PREVIEW_SIZES[0]}-{PREVIEW_SIZES[1]} (default: the model's "
+                                              "input size); the image is rendered at it through the same "
+                                              "preprocessing and the map upsampled")):
         j = label_index(label)
         if method not in backend.methods:
             available = ", ".join(backend.methods) or "none for this head"
             raise RequestError(422, f"heatmap method {method!r} is not available for this model "
                                     f"({backend.runtime}; available: {available})")
-        (name, data), = await read([file])
-        probability, png = await pool.run(heatmap_job, name, data, j, method)
+        size = display_size(size)
+        (name, data), = await read([file], "file")
+        probability, png = await pool.run(heatmap_job, name, data, j, method, size)
         return Response(png, media_type="image/png",
                         headers={"X-Label": label, "X-Probability": f"{probability:.6f}", "X-Method": method})
 
-    @app.get("/labels", summary="The model's labels, thresholds and where the thresholds came from")
+    @app.post("/preview", summary="PNG of the image itself through the model's preprocessing, at a readable size",
+              description="The same decoding (DICOM windowing, 16-bit scaling), orientation and letterbox as "
+                          "the model input, rendered at `size` pixels instead of the model's input size.",
+              response_class=Response, responses={200: {"content": {"image/png": {}},
+                                                        "description": "the grey picture"}, **UPLOAD_ERRORS})
+    async def preview(file: UploadFile = File(..., description="one PNG, JPEG or DICOM image"),
+                      size: int = Form(512, description=f"side in pixels, {PREVIEW_SIZES[0]}-{PREVIEW_SIZES[1]}")):
+        size = display_size(size)
+        (name, data), = await read([file], "file")
+        return Response(await pool.run(preview_job, name, data, size), media_type="image/png")
+
+    @app.get("/labels", summary="The model's labels, thresholds and where the thresholds came from",
+             responses=E500)
     async def get_labels():
         return {"labels": [{"label": n, "threshold": float(t)} for n, t in zip(backend.label_names, backend.thresholds)],
                 "threshold_source": backend.threshold_source, "heatmap_methods": list(backend.methods),
                 "image_size": backend.image_size}
 
-    @app.get("/health", summary="200 once the model is loaded and has answered, 503 before")
+    @app.get("/health", summary="200 once the model is loaded and has answered, 503 before",
+             responses={503: {"description": "the model is still loading (or the server is stopping)"}})
     async def health():
         body = {"status": "ready" if state["ready"] else "loading", "in_flight": pool.in_flight,
                 "capacity": pool.capacity}
         return JSONResponse(body, status_code=200 if state["ready"] else 503)
 
-    @app.get("/version", summary="cxrlab and runtime versions, and the model's identity")
+    origin = provenance(backend.card, backend.identity, model_path)
+
+    @app.get("/version", summary="cxrlab and runtime versions, the model's identity and provenance",
+             description="provenance: the training data source and its kind (synthetic / real / unknown), the "
+                         "recipe, the date and the model's SHA-256, as the web page shows them.", responses=E500)
     async def version():
-        return {"cxrlab": __version__, "runtime": backend.runtime, "model": backend.identity}
+        return {"cxrlab": __version__, "runtime": backend.runtime, "model": backend.identity, "provenance": origin}
 
     @app.get("/docs", include_in_schema=False)
     async def docs():
         return HTMLResponse(api_reference_html(app.openapi()))
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon():
+        return FileResponse(STATIC / "favicon.svg", media_type="image/svg+xml")
 
     @app.get("/", include_in_schema=False)
     async def index():

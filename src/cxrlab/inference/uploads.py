@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.preprocess import preprocess
+from ..data.preprocess import preprocess_file
 from ..errors import CxrlabError
 from ..model_card import InputSpec
 
@@ -60,6 +60,12 @@ def declared_size(data: bytes, kind: str, name: str) -> tuple[int, int, int]:
 def decode_upload(data: bytes, name: str, spec: InputSpec, max_pixels: int = MAX_PIXELS, tmp_root=None) -> np.ndarray:
     """The uploaded file as the uint8 input ``spec`` describes; an :class:`UploadError` naming ``name``
     otherwise."""
+    return decode_upload_shaped(data, name, spec, max_pixels, tmp_root)[0]
+
+
+def decode_upload_shaped(data: bytes, name: str, spec: InputSpec, max_pixels: int = MAX_PIXELS,
+                         tmp_root=None) -> tuple[np.ndarray, tuple[int, int]]:
+    """(:func:`decode_upload`'s image, the decoded image's full H×W: where the padding of the fit is)."""
     kind = sniff(data)
     if kind is None:
         start = data[:8].hex(" ") if data else "nothing"
@@ -74,6 +80,6 @@ def decode_upload(data: bytes, name: str, spec: InputSpec, max_pixels: int = MAX
         path = Path(folder) / f"image{SUFFIX[kind]}"
         path.write_bytes(data)
         try:
-            return preprocess(spec, path)
+            return preprocess_file(spec, path)
         except CxrlabError as exc:
             raise UploadError(422, str(exc).replace(str(path), name)) from None

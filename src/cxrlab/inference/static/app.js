@@ -1,10 +1,14 @@
-// cxrlab web page: upload one image, show the per-label table and the heatmap of a selected label.
-// Plain browser JavaScript, no build step and nothing fetched from outside this server.
+// cxrlab web page: upload one or several images, list them, and for the selected one show the image as the
+// model sees it, the per-label table and the heatmap of a selected label (the image's top label first).
+// Plain browser JavaScript, no build step, no inline script or style, nothing fetched from outside this server.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-let current = null;   // the uploaded File
+const DISPLAY = 512;  // pixels of the picture and heatmap the server renders (shown smaller, crisp on HiDPI)
+let uploads = [];     // [{file, result}] of the last upload
+let current = null;   // the selected upload's File
 let selected = null;  // the label whose heatmap is shown
+let generation = 0;   // bumped by each upload / selection, so a late answer for an older one is dropped
 
 function showError(message) {
   $("error").textContent = message;
@@ -14,6 +18,11 @@ function showError(message) {
 function clearError() {
   $("error").hidden = true;
   $("error").textContent = "";
+}
+
+// the server's messages start with the file name; the page shows the name beside them already
+function withoutName(name, message) {
+  return message.startsWith(`${name}: `) ? message.slice(name.length + 2) : message;
 }
 
 async function detail(response) {
@@ -31,6 +40,13 @@ async function loadModel() {
   const m = version.model;
   $("model").textContent = `${m.head} on ${(m.backbones || []).join(" + ")} · ${m.format} ${m.file} · ` +
     `${labels.labels.length} labels · thresholds: ${labels.threshold_source} · ${version.runtime}`;
+  const origin = version.provenance;
+  $("provenance").textContent = origin.summary;
+  if (origin.data_kind === "synthetic") {
+    $("synthetic").textContent = `Trained on synthetic radiographs (${origin.source}): a demonstration of the ` +
+      "pipeline. Its outputs say nothing about real chest X-rays.";
+    $("synthetic").hidden = false;
+  }
   const select = $("method");
   select.innerHTML = "";
   for (const method of labels.heatmap_methods) {
@@ -62,6 +78,43 @@ function renderTable(entries) {
   return sorted;
 }
 
+function renderList() {
+  const list = $("files");
+  list.innerHTML = "";
+  uploads.forEach((upload, index) => {
+    const item = document.createElement("li");
+    const name = document.createElement("span");
+    name.className = "name";
+    name.textContent = upload.file.name;
+    const note = document.createElement("span");
+    if (upload.result.error) {
+      note.className = "file-error";
+      note.textContent = withoutName(upload.file.name, upload.result.error);
+    } else {
+      const top = upload.result.labels.slice().sort((a, b) => (b.probability ?? -1) - (a.probability ?? -1))[0];
+      note.className = "muted";
+      note.textContent = top ? `top: ${top.label} ${top.probability.toFixed(3)}` : "";
+    }
+    item.append(name, " ", note);
+    item.addEventListener("click", () => select(index));
+    list.appendChild(item);
+  });
+  list.hidden = uploads.length < 2;
+}
+
+async function picture(endpoint, fields, token) {
+  const form = new FormData();
+  form.append("file", current);
+  for (const [key, value] of Object.entries(fields)) form.append(key, value);
+  const response = await fetch(endpoint, { method: "POST", body: form });
+  if (token !== generation) return null;
+  if (!response.ok) {
+    showError(`${endpoint.slice(1)}: ${withoutName(current.name, await detail(response))}`);
+    return null;
+  }
+  return response;
+}
+
 async function showHeatmap(label) {
   selected = label;
   for (const row of document.querySelectorAll("#labels tbody tr")) {
@@ -71,48 +124,68 @@ async function showHeatmap(label) {
     $("heatmap-caption").textContent = "this model has no heatmaps";
     return;
   }
-  const form = new FormData();
-  form.append("file", current);
-  form.append("label", label);
-  form.append("method", $("method").value);
+  const token = ++generation;
   $("heatmap-caption").textContent = `computing the ${label} heatmap…`;
-  const response = await fetch("/heatmap", { method: "POST", body: form });
-  if (!response.ok) {
-    showError(`heatmap: ${await detail(response)}`);
-    return;
-  }
+  const response = await picture("/heatmap", { label, method: $("method").value, size: DISPLAY }, token);
+  if (!response) return;
   const blob = await response.blob();
+  if (token !== generation) return;
   $("heatmap").src = URL.createObjectURL(blob);
   const p = Number(response.headers.get("X-Probability"));
   $("heatmap-caption").textContent = `${label}: p = ${p.toFixed(3)} (${response.headers.get("X-Method")})`;
   $("heatmap").dataset.label = label;
 }
 
-async function upload(file) {
+async function select(index) {
+  const upload = uploads[index];
+  current = upload.file;
+  document.querySelectorAll("#files li").forEach((li, i) => li.classList.toggle("selected", i === index));
+  if (upload.result.error) {
+    $("result").hidden = true;
+    showError(`${upload.file.name}: ${withoutName(upload.file.name, upload.result.error)}`);
+    return;
+  }
   clearError();
-  current = file;
-  $("status").textContent = `analysing ${file.name}…`;
+  $("image-caption").textContent = upload.file.name;
+  const sorted = renderTable(upload.result.labels);
+  $("result").hidden = false;
+  const token = ++generation;
+  const preview = await picture("/preview", { size: DISPLAY }, token);
+  if (preview) {
+    const blob = await preview.blob();
+    if (token === generation) $("image").src = URL.createObjectURL(blob);
+  }
+  if (token === generation) await showHeatmap(sorted[0].label);  // each new image opens on its own top label
+}
+
+async function upload(fileList) {
+  const files = Array.from(fileList);
+  clearError();
+  const token = ++generation;
+  $("status").textContent = files.length === 1 ? `analysing ${files[0].name}…` : `analysing ${files.length} images…`;
   const form = new FormData();
-  form.append("files", file);
+  for (const file of files) form.append("files", file);
   const response = await fetch("/predict", { method: "POST", body: form });
+  if (token !== generation) return;
   $("status").textContent = "";
   if (!response.ok) {
+    uploads = [];
+    renderList();
     $("result").hidden = true;
-    showError(`${file.name}: ${await detail(response)}`);
+    showError(await detail(response));  // the server's message names the file already
     return;
   }
   const body = await response.json();
-  const isDicom = /\.(dcm|dicom)$/i.test(file.name);
-  $("image").src = isDicom ? "" : URL.createObjectURL(file);
-  $("image").hidden = isDicom;
-  $("image-caption").textContent = isDicom ? `${file.name} (DICOM: see the heatmap view)` : file.name;
-  const sorted = renderTable(body.results[0].labels);
-  $("result").hidden = false;
-  await showHeatmap(selected && sorted.some((e) => e.label === selected) ? selected : sorted[0].label);
+  uploads = files.map((file, i) => ({ file, result: body.results[i] }));
+  renderList();
+  const first = uploads.findIndex((u) => !u.result.error);
+  await select(first < 0 ? 0 : first);
 }
 
 $("file").addEventListener("change", (event) => {
-  if (event.target.files.length) upload(event.target.files[0]);
+  const files = Array.from(event.target.files);
+  event.target.value = "";  // choosing the same file again is a new upload
+  if (files.length) upload(files);
 });
 $("method").addEventListener("change", () => { if (current && selected) showHeatmap(selected); });
 const drop = $("drop");
@@ -121,6 +194,6 @@ drop.addEventListener("dragleave", () => drop.classList.remove("over"));
 drop.addEventListener("drop", (event) => {
   event.preventDefault();
   drop.classList.remove("over");
-  if (event.dataTransfer.files.length) upload(event.dataTransfer.files[0]);
+  if (event.dataTransfer.files.length) upload(event.dataTransfer.files);
 });
 loadModel().catch((e) => showError(`cannot reach the model: ${e}`));
