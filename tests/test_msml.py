@@ -303,3 +303,151 @@ def test_heatmaps_of_a_bilinear_head_say_why_native_fails_and_gradcam_works():
         label_heatmaps(model, x)
     maps = gradcam_maps(model, x, [0, 2])
     assert maps.shape == (2, 32, 32) and np.isfinite(maps).all()
+
+
+# ------------------------------------------------- issue 23: third-party formulas, BN+ReLU, recipes
+
+def test_msml_without_log_by_hand_and_gradcheck():
+    """log: false is −mean over positives of the softmax probability against the negatives."""
+    from cxrlab.losses.msml import msml_loss
+
+    logits = [[2.0, 0.0, -1.0, 1.0], [0.0, 3.0, 1.0, 5.0]]
+    target = [[1, 0, 0, 1], [1, 0, 0, 1]]
+    mask = [[1, 1, 1, 1], [1, 1, 1, 0]]
+    p = math.exp(2.0) / (math.exp(2.0) + math.exp(0.0) + math.exp(-1.0))  # 0.8438
+    q = math.exp(1.0) / (math.exp(1.0) + math.exp(0.0) + math.exp(-1.0))  # 0.6652
+    r = 1 / (1 + math.exp(3.0) + math.exp(1.0))  # 0.0420: image 2's positive against {3, 1}
+    assert (-(p + q) / 2 - r) / 2 == pytest.approx(-0.39826, abs=1e-5)  # worked out on paper
+    value = loss("msml", logits, target, mask, log=False)
+    assert value.item() == pytest.approx(-0.39826, abs=1e-5)
+    # gradient in the positive's own logit: d/ds_p (−p/|P|) = −p(1 − p)/|P|, halved by the batch mean
+    x = torch.tensor(logits, requires_grad=True)
+    loss("msml", x, target, mask, log=False).backward()
+    assert x.grad[0, 0].item() == pytest.approx(-p * (1 - p) / 2 / 2, rel=1e-5)
+    assert x.grad[1, 3].item() == 0.0  # masked: no gradient
+    t, m = torch.tensor(target, dtype=torch.float64), torch.tensor(mask, dtype=torch.float64)
+    z = torch.tensor(logits, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v: msml_loss(v, t, m, log=False), z)
+    # the log form is unchanged by the option's presence
+    assert loss("msml", logits, target, mask, log=True).item() == pytest.approx(loss("msml", logits, target, mask).item())
+    with pytest.raises(CxrlabError, match="option log must be true or false"):
+        LOSSES.get("msml")(ctx(), log="no")
+
+
+def test_corloss_positive_product_by_hand_gradients_and_many_labels():
+    from cxrlab.losses.msml import positive_product_loss
+
+    logits = [[2.0, 0.0, -1.0, 1.0], [0.0, 3.0, 1.0, 5.0], [4.0, 4.0, 4.0, 4.0]]
+    target = [[1, 0, 0, 1], [1, 0, 0, 1], [0, 0, 0, 0]]
+    mask = [[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1]]  # image 2: label 4 unknown; image 3: no positive
+    prod1 = sigmoid(2.0) * sigmoid(1.0)  # 0.6439
+    assert -(prod1 + sigmoid(0.0)) / 2 == pytest.approx(-0.57196, abs=1e-5)
+    x = torch.tensor(logits, requires_grad=True)
+    value = loss("corloss", x, target, mask, form="positive_product")
+    assert value.item() == pytest.approx(-0.57196, abs=1e-5)  # image 3 left out of the mean
+    value.backward()
+    # ∂/∂s_c (−Π) = −Π (1 − σ(s_c)), over the 2 counted images
+    assert x.grad[0, 0].item() == pytest.approx(-prod1 * (1 - sigmoid(2.0)) / 2, rel=1e-5)
+    assert x.grad[1, 0].item() == pytest.approx(-0.5 * 0.5 / 2, rel=1e-5)
+    assert x.grad[0, 1].item() == 0.0 and x.grad[1, 3].item() == 0.0 and x.grad[2].abs().sum() == 0
+    t, m = torch.tensor(target, dtype=torch.float64), torch.tensor(mask, dtype=torch.float64)
+    z = torch.tensor(logits, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v: positive_product_loss(v, t, m), z)
+    # many labels: 300 positives at logit −40 underflow to a product of 0 without NaN; at +20 it is ≈ 1
+    many = torch.ones(2, 300)
+    low = torch.full((2, 300), -40.0, requires_grad=True)
+    out = positive_product_loss(low, many, many)
+    out.backward()
+    assert out.item() == 0.0 and torch.isfinite(low.grad).all()
+    high = positive_product_loss(torch.full((1, 300), 20.0), many[:1], many[:1])
+    assert high.item() == pytest.approx(-math.exp(-300 * math.log1p(math.exp(-20.0))), rel=1e-6)
+    # no "No Finding" output needed
+    assert torch.isfinite(loss("corloss", logits, target, mask, form="positive_product", names=("a", "b", "c", "d")))
+
+
+def test_bilinear_bn_relu_reduction_shapes_and_non_negative_pool():
+    from cxrlab.models.heads.bilinear import bilinear_pool
+
+    torch.manual_seed(0)
+    x = fmap(4, 6, 4, 5)
+    plain = HEADS.get("bilinear")(6, 3, dim=5)
+    head = HEADS.get("bilinear")(6, 3, dim=5, reduce_act="bn_relu")
+    assert [type(m).__name__ for m in head.reduce] == ["Conv2d", "BatchNorm2d", "ReLU"]
+    assert head.reduce[0].bias is None  # BN carries the shift
+    out = head(x)
+    assert out.logits.shape == (4, 3) and out.extras["features"].shape == (4, 25)
+    torch.testing.assert_close(out.extras["features"].norm(dim=1), torch.ones(4))
+    reduced = head.reduce(x)
+    assert reduced.shape == (4, 5, 4, 5) and (reduced >= 0).all() and (reduced > 0).any()
+    assert (bilinear_pool(reduced) >= 0).all() and (out.extras["features"] >= 0).all()
+    assert (bilinear_pool(plain.reduce(x)) < 0).float().mean() > 0.2  # the plain conv: many negative
+    # eval mode uses the running statistics: still non-negative, and a state dict round trip is exact
+    head.eval()
+    copy = HEADS.get("bilinear")(6, 3, dim=5, reduce_act="bn_relu").eval()
+    copy.load_state_dict(head.state_dict())
+    assert "reduce.1.running_mean" in head.state_dict()
+    torch.testing.assert_close(copy(x).logits, head(x).logits)
+    assert (head.reduce(x) >= 0).all()
+    with pytest.raises(CxrlabError, match="did you mean 'bn_relu'"):
+        HEADS.get("bilinear")(6, 3, reduce_act="bnrelu")
+    with pytest.raises(CxrlabError, match="bn_relu acts on the 1×1 reduction, so it needs dim > 0"):
+        HEADS.get("bilinear")(6, 3, dim=None, reduce_act="bn_relu")
+
+
+NEW_MSML_RECIPES = ["msml_synthetic_bilinear_headlr", "msml_synthetic_bilinear_bnrelu",
+                    "msml_synthetic_msml_nolog_product", "msml_synthetic_msml_nolog_product_paper_weights"]
+SMOKE = ["data.source=synthetic:300", "data.image_size=32", "model.backbone=test_resnet", "train.epochs=1",
+         "train.batch_size=64", "eval.bootstrap=0"]
+
+
+def _no_plots(folder, *args, **kwargs):
+    """Stands in for the report writer: its plots take most of a tiny run's time and are not tested here."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "report.md").write_text("report\n")
+    return folder / "report.md"
+
+
+@pytest.fixture(scope="module")
+def smoke_dir(tmp_path_factory):
+    import cxrlab.evaluation.report as report
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(report, "write_report", _no_plots)
+        yield tmp_path_factory.mktemp("msml_smoke")
+
+
+def _smoke(recipe: str, out, cache, extra=()):
+    from cxrlab.workflows.train import train
+
+    torch.set_num_threads(1)
+    return train(recipe, out, [*SMOKE, f"data.cache_dir={cache}", *extra])
+
+
+@pytest.mark.parametrize("recipe", NEW_MSML_RECIPES)
+def test_new_msml_recipes_train_one_epoch(recipe, smoke_dir):
+    from cxrlab.config import load_recipe
+
+    _smoke(recipe, smoke_dir / recipe, smoke_dir / "cache")
+    assert (smoke_dir / recipe / "best" / "model.safetensors").is_file()
+    loaded = load_recipe(recipe)
+    if "bilinear" in recipe:  # the explicit head rate replaces the input scale
+        assert loaded.model.head_args.get("feature_scale", 1.0) == 1.0 and loaded.optim.head_lr_mult > 1
+
+
+def test_classifier_first_then_fine_tune_recipes(smoke_dir):
+    """Stage 1 (BCE baseline) → classifier first (backbone loaded and frozen: unchanged) → fine-tune (all
+    weights loaded, nothing frozen: the backbone moves)."""
+    from safetensors.torch import load_file
+
+    def weights(run):
+        return load_file(str(run / "best" / "model.safetensors"))
+
+    s1, s2, s3 = smoke_dir / "stage1", smoke_dir / "stage2", smoke_dir / "stage3"
+    _smoke("msml_synthetic_bce", s1, smoke_dir / "cache")
+    _smoke("msml_synthetic_classifier_first", s2, smoke_dir / "cache", [f"model.init_from.path={s1}"])
+    _smoke("msml_synthetic_fine_tune", s3, smoke_dir / "cache", [f"model.init_from={s2}"])
+    w1, w2, w3 = weights(s1), weights(s2), weights(s3)
+    backbone = [k for k in w1 if k.startswith("model.backbone.") and w1[k].is_floating_point()]
+    assert backbone and all(torch.equal(w1[k], w2[k]) for k in backbone)  # frozen, statistics too
+    assert "model.head.reduce.1.weight" in w2  # the BN+ReLU bilinear head
+    assert any(not torch.equal(w2[k], w3[k]) for k in backbone)

@@ -5,12 +5,19 @@ Ge et al., "Chest X-rays Classification: A Multi-Label and Fine-Grained Problem"
 features (Lin, RoyChowdhury, Maji, "Bilinear CNN Models for Fine-grained Visual Recognition", ICCV
 2015). The head:
 
-1. reduces the feature map to ``dim`` channels with a 1×1 convolution (default 256);
+1. reduces the feature map to ``dim`` channels with a 1×1 convolution (default 256); with
+   ``reduce_act: bn_relu`` the convolution (then without bias) is followed by BatchNorm and ReLU, as in
+   the reference B-CNN code (jiangtaoxie/fast-MPN-COV, ``BCNN.py``): the reduced map is non-negative, so
+   every entry of the full bilinear pool is ≥ 0 (with ``none``, the paper's plain 1×1 convolution, about half of them
+   start negative);
 2. pools ``b = vec(F Fᵀ / hw)`` over the h×w locations (``dim²`` values: 65,536 for 256);
 3. takes the signed square root ``sign(b) √|b|`` and L2-normalises;
 4. scores the labels with one linear layer.
 
 ``feature_scale`` [ours] multiplies the unit vector before the classifier (default 1: the paper's head).
+Under Adam-type optimisers a constant scale on the classifier's input acts like a larger learning rate
+of that classifier, so ``optim.head_lr_mult`` (an explicit per-part rate) is the cleaner knob; the
+scale stays for the recipes that used it.
 A unit vector of K entries has entries of size ~1/√K, so the classifier's logits move √K times slower
 per optimiser step than on pooled CNN features; with a short budget (the synthetic comparison's 42
 steps) the head is still learning the label base rates when training ends. ``feature_scale: √K``
@@ -38,6 +45,7 @@ from ...registry import HEADS
 from .base import Head
 
 SKETCHES = ("tensor_sketch", "random_maclaurin")
+REDUCE_ACTS = ("none", "bn_relu")
 HEATMAP_NOTE = ("head 'bilinear' has no class activation map: its classifier reads vec(F Fᵀ/hw), "
                 "second-order statistics of the whole feature map, not a score per location, so "
                 "w_c · F is not defined; gradient-based maps show where the evidence is")
@@ -105,7 +113,9 @@ class BilinearHead(Head):
     Args (``head_args``): ``dim`` channels after the 1×1 reduction (256; 0 or None = no reduction);
     ``compact`` (False); ``sketch`` ``tensor_sketch`` | ``random_maclaurin`` (compact only);
     ``compact_dim`` (8192); ``seed`` of the random projections (0); ``dropout`` before the classifier (0);
-    ``feature_scale`` [ours] factor on the normalised vector (1.0).
+    ``feature_scale`` [ours] factor on the normalised vector (1.0); ``reduce_act`` ``none`` (the paper's
+    plain 1×1 convolution) | ``bn_relu`` (conv1×1 without bias + BatchNorm + ReLU, the reference B-CNN's
+    reduction; needs ``dim`` > 0).
     """
 
     provides = frozenset({"features"})
@@ -113,16 +123,26 @@ class BilinearHead(Head):
 
     def __init__(self, in_features: int, num_labels: int, dim: int | None = 256, compact: bool = False,
                  sketch: str = "tensor_sketch", compact_dim: int = 8192, seed: int = 0, dropout: float = 0.0,
-                 feature_scale: float = 1.0):
+                 feature_scale: float = 1.0, reduce_act: str = "none"):
         super().__init__()
         if sketch not in SKETCHES:
             raise unknown("bilinear head sketch", str(sketch), SKETCHES)
+        if reduce_act not in REDUCE_ACTS:
+            raise unknown("bilinear head reduce_act", str(reduce_act), REDUCE_ACTS)
+        if reduce_act == "bn_relu" and not dim:
+            raise CxrlabError(f"head bilinear: reduce_act bn_relu acts on the 1×1 reduction, so it needs "
+                              f"dim > 0, got dim={dim}")
         if dim is not None and dim < 0 or compact_dim < 1 or not feature_scale > 0:
             raise CxrlabError(f"head bilinear: need dim >= 0, compact_dim >= 1 and feature_scale > 0, got "
                               f"dim={dim}, compact_dim={compact_dim}, feature_scale={feature_scale}")
         self.feature_scale = float(feature_scale)
         self.in_features = in_features
-        self.reduce = nn.Conv2d(in_features, dim, kernel_size=1) if dim else nn.Identity()
+        self.reduce_act = reduce_act
+        if reduce_act == "bn_relu":  # BN supplies the shift, so the convolution has no bias
+            self.reduce = nn.Sequential(nn.Conv2d(in_features, dim, kernel_size=1, bias=False),
+                                        nn.BatchNorm2d(dim), nn.ReLU(inplace=True))
+        else:
+            self.reduce = nn.Conv2d(in_features, dim, kernel_size=1) if dim else nn.Identity()
         channels = dim or in_features
         self.compact = bool(compact)
         self.pool = None
