@@ -20,9 +20,11 @@ function clearError() {
   $("error").textContent = "";
 }
 
-// the server's messages start with the file name; the page shows the name beside them already
+// the server's messages name the file ("a.png: not a PNG…", "cannot read image a.png: …"); the page
+// shows the name beside them already
 function withoutName(name, message) {
-  return message.startsWith(`${name}: `) ? message.slice(name.length + 2) : message;
+  if (message.startsWith(`${name}: `)) return message.slice(name.length + 2);
+  return message.replace(` ${name}: `, ": ");
 }
 
 async function detail(response) {
@@ -147,6 +149,7 @@ async function select(index) {
   }
   clearError();
   $("image-caption").textContent = upload.file.name;
+  for (const id of ["image", "heatmap"]) $(id).removeAttribute("src");  // no picture of the previous file meanwhile
   const sorted = renderTable(upload.result.labels);
   $("result").hidden = false;
   const token = ++generation;
