@@ -482,3 +482,175 @@ def test_prototypes_command_refuses_other_heads(tmp_path, monkeypatch, capsys):
                                                          "recipe": {"model": {"head": "linear"}}}))
     assert main(["prototypes", str(tmp_path / "lin"), "--out", str(tmp_path / "p")]) == 2
     assert "has head 'linear'" in capsys.readouterr().err
+
+
+# ---------------------------------------- issue 23: ranking term, metrics, frozen text, focal weights
+
+def test_ranking_term_by_hand_excludes_labels_without_both_sides():
+    from cxrlab.losses.base import Objective
+    from cxrlab.losses.dwml import ranking_loss
+    from cxrlab.registry import LOSSES
+
+    m = torch.tensor([[0.6, 0.2, 0.1], [0.3, 0.5, 0.0], [0.1, 0.4, -0.2]], requires_grad=True)
+    y = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 1.0, 0.0]])
+    mask = torch.tensor([[1.0, 1, 1], [1, 1, 1], [1, 0, 1]])  # image 2's label 1 unknown
+    # label 0: positive 0 against negatives 1, 2; label 1: positive 1 against negative 0 (image 2
+    # unknown); label 2: no positive in the batch -> left out
+    r0 = (_sp(16 * (0.3 - 0.6 + 0.1)) + _sp(16 * (0.1 - 0.6 + 0.1))) / 2
+    r1 = _sp(16 * (0.2 - 0.5 + 0.1))
+    assert (r0 + r1) / 2 == pytest.approx(0.03038, abs=1e-5)  # worked out on paper
+    term = LOSSES.get("dwml_rank")(None)
+    value = term(Output(torch.zeros(3, 3), {"similarity": m}), {"target": y, "mask": mask})
+    assert value.item() == pytest.approx(0.03038, abs=1e-5)
+    value.backward()
+    assert m.grad[0, 0] < 0 and m.grad[1, 0] > 0 and m.grad[2, 0] > 0  # positive up, negatives down
+    assert m.grad[1, 1] < 0 and m.grad[0, 1] > 0 and m.grad[2, 1] == 0 and (m.grad[:, 2] == 0).all()
+    # a label with both sides present counts equally, whatever its number of pairs
+    alone = ranking_loss(m.detach()[:, :1], y[:, :1], mask[:, :1])
+    assert alone.item() == pytest.approx(r0, rel=1e-5)
+    # nothing to rank: 0, still differentiable
+    none = ranking_loss(m[:, 2:], y[:, 2:], mask[:, 2:])
+    assert none.item() == 0.0 and none.requires_grad
+    z = m.detach().double().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda v: ranking_loss(v, y.double(), mask.double()), z)
+    objective = Objective({"dwml": {}, "dwml_rank": 0.5}, ctx([1, 2, 1], [2, 1, 2]))
+    total, parts = objective(Output(torch.zeros(3, 3), {"similarity": m.detach()}), {"target": y, "mask": mask})
+    assert parts["dwml_rank"] == pytest.approx(0.03038, abs=1e-5)
+    assert total.item() == pytest.approx(parts["dwml"] + 0.5 * parts["dwml_rank"], rel=1e-5)
+    with pytest.raises(CxrlabError, match="margin >= 0"):
+        LOSSES.get("dwml_rank")(None, margin=-0.1)
+
+
+def test_euclidean_and_dot_scores_by_hand():
+    head = PrototypeHead(D, 3, dim=2, metric="euclidean")
+    z = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    # 1 − ½‖z − q‖²: ‖·‖² = [[0, 2, 1], [5, 1, 2]]
+    torch.testing.assert_close(head.scores(z, q), torch.tensor([[1.0, 0.0, 0.5], [-1.5, 0.5, 0.0]]))
+    dot = PrototypeHead(D, 3, dim=2, metric="dot")
+    r = 2 ** -0.5
+    torch.testing.assert_close(dot.scores(z, torch.nn.functional.normalize(q, dim=1)),
+                               torch.tensor([[1.0, 0.0, r], [0.0, 2.0, 2 * r]]))
+    # on unit vectors the euclidean score is the cosine
+    u, v = F.normalize(torch.randn(4, 2), dim=1), F.normalize(q, dim=1)
+    torch.testing.assert_close(head.scores(u, v), u @ v.t())
+    # through forward: embeddings and prototypes are not normalised, similarity is 1 − ½ distance²
+    torch.manual_seed(0)
+    for metric in ("euclidean", "dot"):
+        h = PrototypeHead(D, C, dim=8, hidden=16, metric=metric)
+        h.set_label_text(np.random.default_rng(0).standard_normal((C, 6)) * 3)
+        out = h(torch.randn(5, D, 3, 3))
+        e, p = out.extras["embedding"], out.extras["prototypes"]
+        assert not torch.allclose(e.norm(dim=1), torch.ones(5))
+        expected = 1 - 0.5 * torch.cdist(e, p) ** 2 if metric == "euclidean" else e @ p.t()
+        torch.testing.assert_close(out.extras["similarity"], expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out.logits, h.kappa * out.extras["similarity"] + h.bias)
+        assert torch.allclose(p.norm(dim=1), torch.ones(C)) == (metric == "dot")
+    with pytest.raises(CxrlabError, match="did you mean 'euclidean'"):
+        PrototypeHead(D, C, metric="euclid")
+
+
+def test_frozen_text_projection_is_unchanged_by_an_optimiser_step():
+    def step(head):
+        opt = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=0.05, weight_decay=0.1)
+        before = {k: v.clone() for k, v in head.state_dict().items()}
+        y = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+        loss = DWML(ctx([1, 1, 1], [1, 1, 1]))(head(torch.randn(2, D, 3, 3)), {"target": y, "mask": torch.ones(2, 3)})
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return before, head.state_dict()
+
+    torch.manual_seed(0)
+    frozen = PrototypeHead(D, C, dim=8, hidden=16, freeze_text=True)
+    frozen.set_label_text(np.random.default_rng(0).standard_normal((C, 6)))
+    before, after = step(frozen)
+    assert torch.equal(before["text_proj.weight"], after["text_proj.weight"])
+    assert not torch.equal(before["embed.1.weight"], after["embed.1.weight"])  # the image side moved
+    torch.manual_seed(0)
+    trained = PrototypeHead(D, C, dim=8, hidden=16)
+    trained.set_label_text(np.random.default_rng(0).standard_normal((C, 6)))
+    before, after = step(trained)
+    assert not torch.equal(before["text_proj.weight"], after["text_proj.weight"])  # the control: it would move
+    # a bare head rebuilt from the state dict keeps it frozen; the cxrlab optimiser leaves it out
+    from cxrlab.engine.optim import param_groups
+
+    bare = PrototypeHead(D, C, dim=8, hidden=16, freeze_text=True)
+    bare.load_state_dict(frozen.state_dict())
+    assert not bare.text_proj.weight.requires_grad
+    grouped = {id(p) for g in param_groups({"head": bare}, None, 1e-3, 1e-4) for p in g["params"]}
+    assert id(bare.text_proj.weight) not in grouped and id(bare.embed[1].weight) in grouped
+    with pytest.raises(CxrlabError, match="freeze_text must be true or false"):
+        PrototypeHead(D, C, freeze_text="yes")
+
+
+def test_focal_entry_weights_by_hand():
+    m = torch.tensor([[0.6, 0.0], [0.2, 0.4]], requires_grad=True)
+    y = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    batch = {"target": y, "mask": torch.ones(2, 2)}
+    focal = DWML(ctx([1, 1], [1, 1]), category_power=0.0, image_weight="none", entry_weight="focal", gamma=2.0)
+    p = lambda s: _sig(16 * (s - 0.3))  # noqa: E731
+    hard = [[(1 - p(0.6)) ** 2, p(0.0) ** 2], [p(0.2) ** 2, (1 - p(0.4)) ** 2]]
+    mean = sum(map(sum, hard)) / 4
+    u = [[h / mean for h in row] for row in hard]
+    # the two entries on the wrong side of their margin (a negative at 0.2, a positive at 0.4) go up
+    assert u[1][0] > 1 and u[1][1] > 1 and u[0][0] < 1 and u[0][1] < 1
+    ell = [[_sp(16 * (0.5 - 0.6)), _sp(16 * (0.0 - 0.1))], [_sp(16 * (0.2 - 0.1)), _sp(16 * (0.5 - 0.4))]]
+    expected = sum((u[i][0] * ell[i][0] + u[i][1] * ell[i][1]) / 2 for i in range(2)) / 2
+    value = focal(Output(torch.zeros(2, 2), {"similarity": m}), batch)
+    assert math.isclose(value.item(), expected, rel_tol=1e-5)
+    torch.testing.assert_close(focal.entry_weights(m.detach(), y, torch.ones(2, 2)), torch.tensor(u))
+    # detached: the gradient is the plain loss's, entry by entry scaled by u
+    plain = DWML(ctx([1, 1], [1, 1]), category_power=0.0, image_weight="none")
+    g_focal = torch.autograd.grad(focal(Output(torch.zeros(2, 2), {"similarity": m}), batch), m)[0]
+    g_plain = torch.autograd.grad(plain(Output(torch.zeros(2, 2), {"similarity": m}), batch), m)[0]
+    torch.testing.assert_close(g_focal, torch.tensor(u) * g_plain)
+    # γ = 0 is no weighting
+    flat = DWML(ctx([1, 1], [1, 1]), category_power=0.0, image_weight="none", entry_weight="focal", gamma=0.0)
+    torch.testing.assert_close(flat(Output(torch.zeros(2, 2), {"similarity": m}), batch),
+                               plain(Output(torch.zeros(2, 2), {"similarity": m}), batch))
+    with pytest.raises(CxrlabError, match="did you mean 'focal'"):
+        DWML(ctx([1], [1]), entry_weight="focla")
+    with pytest.raises(CxrlabError, match="gamma >= 0"):
+        DWML(ctx([1], [1]), entry_weight="focal", gamma=-1.0)
+
+
+NEW_DWML_RECIPES = ["dwml_synthetic_rank", "dwml_synthetic_euclid", "dwml_synthetic_frozen_text",
+                    "dwml_synthetic_faithful"]
+
+
+def _no_plots(folder, *args, **kwargs):
+    """Stands in for the report writer: its plots take most of a tiny run's time and are not tested here."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "report.md").write_text("report\n")
+    return folder / "report.md"
+
+
+@pytest.fixture(scope="module")
+def smoke_dir(tmp_path_factory):
+    import cxrlab.evaluation.report as report
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(report, "write_report", _no_plots)
+        yield tmp_path_factory.mktemp("dwml_smoke")
+
+
+@pytest.mark.parametrize("recipe", NEW_DWML_RECIPES)
+def test_new_dwml_recipes_train_one_epoch(recipe, smoke_dir, one_thread):
+    from safetensors.torch import load_file
+
+    from cxrlab.config import load_recipe
+    from cxrlab.inference.prototypes import prototype_similarities
+    from cxrlab.workflows.train import train
+
+    over = ["data.source=synthetic:300", "data.image_size=32", "model.backbone=test_resnet", "train.epochs=1",
+            "train.batch_size=64", "eval.bootstrap=0", f"data.cache_dir={smoke_dir / 'cache'}"]
+    train(recipe, smoke_dir / recipe, over)
+    weights = load_file(str(smoke_dir / recipe / "best" / "model.safetensors"))
+    loaded = load_recipe(recipe)
+    if loaded.model.head_args.get("freeze_text"):  # the projection is still its orthogonal start
+        w = weights["model.head.text_proj.weight"].double()
+        torch.testing.assert_close(w @ w.t(), torch.eye(w.shape[0], dtype=torch.float64), atol=1e-5, rtol=0)
+    if loaded.model.head_args.get("metric") == "euclidean":  # `cxrlab prototypes` still gives cosines
+        cos = prototype_similarities(smoke_dir / recipe)["prototypes"]
+        np.testing.assert_allclose(np.diag(cos), 1.0, atol=1e-6)

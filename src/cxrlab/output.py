@@ -24,9 +24,11 @@ class Output:
       ``global_logits``   B×L logits of a label-level head's global branch fc(GAP F) (lcl, label_query
                           with ``global_branch``; the head's logits average them with ``label_logits``)
       ``label_logits``    B×L logits of the label branch alone (same heads; the lcl_branches loss reads both)
-      ``embedding``       B×D unit image embeddings z in the label metric space (prototype head)
-      ``prototypes``      L×D unit label prototypes q (prototype head; not batched)
-      ``similarity``      B×L cosines cos(z_i, q_c) in [-1, 1] (prototype head; the dwml loss reads it)
+      ``embedding``       B×D image embeddings z in the label metric space (prototype head; unit
+                          vectors with its default metric, cosine)
+      ``prototypes``      L×D label prototypes q (prototype head; not batched; unit except metric euclidean)
+      ``similarity``      B×L scores m_ic: cosines cos(z_i, q_c) in [-1, 1] by default, 1 − ½‖z_i − q_c‖² or
+                          z_i · q_c with the head's other metrics (the dwml losses read it)
       ``member_probs``    B×K×L each member's probabilities (an ensemble of K checkpoints; cxrlab.ensemble)
       regime extras (two-view training): ``pseudo_target``, ``pseudo_mask``, ``weak_logits``,
       ``fpc_logits``, ``btc_logits``

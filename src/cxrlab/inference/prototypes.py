@@ -32,7 +32,7 @@ def prototype_similarities(checkpoint: Path) -> dict:
     with torch.no_grad():
         q = head.prototypes().double().cpu().numpy()
         text = head.label_text.double().cpu().numpy()
-    learned, given = np.clip(q @ q.T, -1.0, 1.0), cosine_matrix(text)
+    learned, given = cosine_matrix(q), cosine_matrix(text)  # q is not unit with metric: euclidean
     off = ~np.eye(len(q), dtype=bool)
     a, b = learned[off], given[off]
     r = float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else float("nan")
