@@ -205,6 +205,9 @@ class TrainConfig:
     compile: bool | str = False          # torch.compile the model: true (inductor), a mode or a backend name
     deterministic: bool = False          # torch deterministic algorithms, no cudnn autotuning (slower on GPU)
     find_unused_parameters: bool = False  # DDP: set true when some parameters get no gradient in a step
+    # where each epoch's numbers go (engine/run_log.py): csv (log.csv), tensorboard (when installed), mlflow
+    loggers: list = field(default_factory=lambda: ["csv", "tensorboard"])
+    mlflow: dict = field(default_factory=dict)  # {tracking_uri, experiment, run_name}; unset: MLflow's env vars
 
 
 SUBGROUP_ATTRIBUTES = ("sex", "age_band", "view")  # what eval.subgroups may name (metrics/subgroups.py)

@@ -8,10 +8,11 @@ on seed + epoch). The trainer re-seeds python/numpy/torch with ``train.seed + ra
 restores every RNG state from the checkpoint on resume.
 
 Outputs under ``out_dir``: ``last/`` (every epoch), ``best/`` (on improvement of ``train.select_on``),
-``log.csv`` (one row per epoch), ``tensorboard/`` when TensorBoard is installed.
+and what ``train.loggers`` asks for: ``log.csv`` (one row per epoch), ``tensorboard/`` when TensorBoard
+is installed, an MLflow run (``mlflow.json`` names it).
 
 The loop is here; beside it: ``precision`` (AMP, torch.compile, determinism), ``reductions`` (DDP
-means, sums and in-order gathers), ``run_log`` (log.csv, TensorBoard) and ``run_state`` (what a
+means, sums and in-order gathers), ``run_log`` (log.csv, TensorBoard, MLflow) and ``run_state`` (what a
 checkpoint holds for an exact resume, written and restored).
 """
 from __future__ import annotations
@@ -159,13 +160,14 @@ class Trainer:
             log.info("resumed from %s at epoch %d (step %d)", previous, self.epoch, self.step)
         elif resume:
             log.warning("nothing to resume in %s (no last/checkpoint.json): starting afresh", self.out_dir)
-        writer = run_log.open_tensorboard(self)
+        loggers = run_log.open_loggers(self)
+        failed = True
         try:
             while self.epoch < self.cfg.epochs and not self.best["stopped"]:
-                self._run_epoch(train_loader, val_loader, writer)
+                self._run_epoch(train_loader, val_loader, loggers)
+            failed = False
         finally:
-            if writer is not None:
-                writer.close()
+            run_log.close_loggers(loggers, failed)
         dist.barrier()
         best_dir = self.out_dir / "best"
         if (best_dir / ckpt.INFO_FILE).is_file():
@@ -177,7 +179,7 @@ class Trainer:
                          history=[public(r) for r in self.history], stopped_early=self.best["stopped"],
                          epoch_stats=[s for s in stats if len(s) > 1], log=self.out_dir / "log.csv")
 
-    def _run_epoch(self, train_loader, val_loader, writer) -> None:
+    def _run_epoch(self, train_loader, val_loader, loggers) -> None:
         epoch = self.epoch
         dist.set_epoch(train_loader, epoch)
         self.objective.on_epoch_start(epoch)
@@ -208,7 +210,8 @@ class Trainer:
         self.history.append(row)
         run_state.save(self, improved)
         if self.dist.is_main:
-            run_log.write_log(self, row, writer)
+            for logger in loggers:
+                logger.epoch(self, row)
             log.info("epoch %d/%d  %s", row["epoch"], self.cfg.epochs,
                      "  ".join(f"{k} {v:.4g}" for k, v in public(row).items()
                                if isinstance(v, float) and k != "epoch"))

@@ -193,8 +193,9 @@ def _write_significance(run_dirs: dict, reference: str, data, out_dir: Path, md_
     return result
 
 
-# where and how fast a run reads its data: these may change between an interrupted run and its restart
-_NOT_RESULT_FIELDS = {("data", "cache_dir"), ("data", "cache"), ("data", "num_workers")}
+# where and how fast a run reads its data, and where it logs: these may change between an interrupted run and its restart
+_NOT_RESULT_FIELDS = {("data", "cache_dir"), ("data", "cache"), ("data", "num_workers"),
+                      ("train", "loggers"), ("train", "mlflow")}
 
 
 def _run_once(recipe: Recipe, run_dir: Path, **kwargs) -> dict:

@@ -19,6 +19,7 @@ from ..data.dataset import ImageSet
 from ..data.prepared import PreparedData, prepare_data, split_rows  # noqa: F401 (re-exported for callers)
 from ..data.transforms import build_augment, parse_spec
 from ..engine import distributed as dist
+from ..engine.run_log import check_loggers, finish_run
 from ..engine.trainer import Trainer, make_loader, seed_everything
 from ..evaluation.protocol import protocol
 from ..errors import CxrlabError, unknown
@@ -64,6 +65,7 @@ def check_parts(recipe: Recipe) -> None:
         if key not in accepted and key != "feature_dim":
             raise unknown(f"regime.args key for regime {recipe.regime.name!r}", key, accepted)
     check_contracts(recipe)
+    check_loggers(recipe.train)  # a misspelt logger, or mlflow not installed
     parse_spec(recipe.augment.weak)
     parse_spec(recipe.augment.strong)
 
@@ -232,6 +234,7 @@ def run(recipe: Recipe, out_dir: Path, resume: bool = False, data: PreparedData 
     predictions = pd.DataFrame(test_probs, columns=names)
     predictions.insert(0, "path", data.index["path"].to_numpy()[parts["test"]])
     predictions.to_csv(out_dir / "report" / "test_predictions.csv", index=False, float_format="%.6f")
+    finish_run(recipe, out_dir, metrics, out_dir / "report")  # test metrics and the report to MLflow
     dist.barrier()
     return RunResult(Path(report), metrics, fit.checkpoint, trainer.model, fit.history)
 

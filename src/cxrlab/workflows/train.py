@@ -14,7 +14,7 @@ from .cross_validation import run_cv
 from .experiment import RunResult, run
 
 # what a training run writes into its --out folder (removed by --overwrite, so old and new never mix)
-RUN_ENTRIES = ("best", "last", ".best.old", ".last.old", "report", "log.csv", "tensorboard")
+RUN_ENTRIES = ("best", "last", ".best.old", ".last.old", "report", "log.csv", "tensorboard", "mlflow.json")
 
 
 def train(recipe: str, out: Path, overrides=(), resume: bool = False, overwrite: bool = False) -> RunResult:
