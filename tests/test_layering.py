@@ -14,7 +14,7 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src" / "cxrlab"
 
 # which top-level parts of the package each part may import; "cxrlab" is the package's own __init__
-FOUNDATION = {"cxrlab", "errors", "labels", "labels_text", "output", "registry", "config", "serialization",
+FOUNDATION = {"cxrlab", "errors", "labels", "labels_text", "output", "progress", "registry", "config", "serialization",
               "paths", "model_card", "recipes"}
 EVERYTHING_BUT_CLI = "*"
 LAYERS = {

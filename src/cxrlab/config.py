@@ -271,7 +271,9 @@ def recipe_dirs() -> list[Path]:
     return [Path.cwd() / "recipes", *extra, BUILTIN_RECIPES]
 
 
-def find_recipe(name_or_path: str) -> Path:
+def find_recipe(name_or_path: str, quiet: bool = False) -> Path:
+    """The YAML file of a recipe name or path; one that replaces a built-in recipe says so on stderr
+    (unless ``quiet``: ``list recipes`` shows it in its table instead)."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
@@ -281,7 +283,7 @@ def find_recipe(name_or_path: str) -> Path:
         candidate = folder / f"{name_or_path}.yaml"
         if candidate.is_file():
             builtin = BUILTIN_RECIPES / candidate.name
-            if builtin.is_file() and builtin.resolve() != candidate.resolve():
+            if not quiet and builtin.is_file() and builtin.resolve() != candidate.resolve():
                 # a stray recipes/NAME.yaml (or one on $CXRLAB_RECIPES) must not change an experiment unnoticed
                 print(f"cxrlab: note: recipe {name_or_path!r} is {candidate}, which replaces the built-in "
                       f"{builtin}", file=sys.stderr)
@@ -314,7 +316,21 @@ def load_recipe(name_or_path: str | None = None, overrides: list[str] | tuple = 
             shown = item if len(item) <= 80 else f"{item[:60]}... ({len(item)} characters)"
             raise CxrlabError(f"override {shown!r}: the value is not valid YAML ({_yaml_reason(exc)})") from None
         _set_path(raw, key.strip(), parsed)
-    return from_dict(raw)
+    recipe = from_dict(raw)
+    # for the run header; an attribute, not a field, so config.json and the run-reuse checks do not see it
+    recipe.origin = recipe_origin(path if name_or_path else None, overrides)
+    return recipe
+
+
+def recipe_origin(path: Path | None, overrides=()) -> str:
+    """``built-in demo.yaml + train.epochs=1``, ``recipes/mine.yaml``: where a recipe was read from."""
+    if path is None:
+        where = "the defaults"
+    elif path.resolve().parent == BUILTIN_RECIPES.resolve():
+        where = f"built-in {path.name}"
+    else:
+        where = str(path)
+    return where + "".join(f" + {item}" for item in overrides)
 
 
 def _read_recipe_file(path: Path, where: str) -> dict:

@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 from ..errors import CxrlabError
-from ..workflows.catalog import LISTS, list_names
+from ..workflows import plural
+from ..workflows.catalog import LISTS, list_names, recipe_rows, recipe_table, version_text
 from .data import add_data_commands, add_prepare_command
 from .deploy import add_deploy_commands
 from .ensemble import add_ensemble_command
@@ -32,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides += extra
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.version:
+        print(version_text())
+        return 0
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -40,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cxrlab: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `cxrlab list backbones | head`: the reader stopped early, nothing went wrong
+        sys.stdout = open(os.devnull, "w")  # so the interpreter's final flush does not raise again
+        return 0
     except Exception as exc:  # noqa: BLE001 - one line per error; the traceback only when asked for
         if debug:
             raise
@@ -67,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cxrlab", description="Multi-label chest X-ray classification.")
     parser.add_argument("--debug", action="store_true",
                         help="show the traceback of an error (anywhere on the line; or CXRLAB_DEBUG=1)")
+    parser.add_argument("--version", action="store_true", help="versions of cxrlab, torch and timm; CUDA or not")
     sub = parser.add_subparsers(dest="command")
     add_data_commands(sub)
     add_prepare_command(sub)
@@ -137,9 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="native: the head's attention or CAM; gradcam/gradcampp: Grad-CAM(++), any head")
     p.set_defaults(func=_heatmap)
 
-    p = sub.add_parser("list", help="registered parts")
+    p = sub.add_parser("list", help="recipes (a table: method, data, paper, description) and registered parts")
     p.add_argument("what", choices=LISTS)
-    p.add_argument("--filter", default=None, help="for backbones: a timm wildcard, e.g. 'densenet*'")
+    p.add_argument("--filter", default=None, help="names matching a wildcard, e.g. 'convnext*' (backbones), 'lcl_*'")
+    p.add_argument("--data", default=None, help="recipes: only those on this data kind (synthetic, nih, chexpert, "
+                   "mimic, csv)")
+    p.add_argument("--method", default=None, help="recipes: only this method's (lcl, mpc, can, dwml, msml, spml, "
+                   "baseline), with the recipes named after it")
+    p.add_argument("--names", action="store_true", help="recipes: the names alone, one a line (for scripts)")
     p.set_defaults(func=_list)
 
     p = sub.add_parser("demo", help="prepare, train, evaluate, report and predict on the embedded synthetic data")
@@ -209,12 +222,23 @@ def _heatmap(args) -> int:
     labels = [n.strip() for n in args.labels.split(",")] if args.labels else None
     written = write_heatmaps(args.checkpoint, args.inputs, args.out, labels=labels, top=args.top,
                              method=args.method)
-    print(f"wrote {len(written)} heatmaps to {args.out}")
+    print(f"wrote {plural(len(written), 'heatmap')} to {args.out}")
     return 0
 
 
 def _list(args) -> int:
-    print("\n".join(list_names(args.what, args.filter)))
+    if args.what != "recipes":
+        if args.data or args.method:
+            raise CxrlabError(f"--data and --method filter recipes, not {args.what}")
+        print("\n".join(list_names(args.what, args.filter)))
+        return 0
+    rows = recipe_rows(data=args.data, method=args.method, pattern=args.filter)
+    if args.names:
+        print("\n".join(r.name for r in rows))
+    elif rows:
+        print(recipe_table(rows))
+    else:
+        print("no recipe matches", file=sys.stderr)
     return 0
 
 

@@ -33,6 +33,7 @@ import pandas as pd
 from ..errors import CxrlabError
 from ..labels import LabelSpace
 from ..model_card import RESIZE_MODES, InputSpec
+from ..progress import Progress
 from .locking import cache_lock
 from .preprocess import preprocess_record
 from .records import Records
@@ -213,8 +214,6 @@ def _build(records: Records, partial: Path, key: str, size: int, mode: str, work
 def _fill(records, partial: Path, images, status, size, mode, workers, on_error, progress) -> dict[int, str]:
     """Decode every image not yet done, chunk by chunk, flushing the status after each chunk;
     returns {row: error} of the images that failed."""
-    from tqdm.auto import tqdm
-
     todo = np.flatnonzero(np.asarray(status) != DONE)
     workers = workers or available_cpus()
     chunk = _chunk_size(len(todo), size, workers)
@@ -223,8 +222,8 @@ def _fill(records, partial: Path, images, status, size, mode, workers, on_error,
     _JOB.update(records=records, spec=InputSpec(size, mode), path=str(partial / IMAGES), shape=images.shape,
                 images=images, pid=os.getpid())
     errors: dict[int, str] = {}
-    bar = tqdm(total=len(records), initial=len(records) - len(todo), unit="img", disable=not progress,
-               desc=f"prepare {records.name} {size}px")
+    bar = Progress(len(records), f"prepare {records.name} {size}px", initial=len(records) - len(todo),
+                   enabled=progress)
     try:
         with decoding_pool(workers, len(chunks)) as pool:
             outcomes = map(_decode_chunk, chunks) if pool is None else completed(pool, _decode_chunk, chunks)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from torch import nn
 from ..config import Optimizer, Recipe, SelectOn
 from ..errors import CxrlabError
 from ..metrics import macro_auc
+from ..progress import Progress
 from .. import checkpoint as ckpt
 from . import distributed as dist
 from .distributed import make_loader  # noqa: F401  (re-exported: callers build loaders from here)
@@ -218,16 +218,14 @@ class Trainer:
 
     def train_epoch(self, loader, epoch: int = 0) -> dict:
         """One pass over ``loader``; mean of every logged term, last lr, images per second."""
-        from tqdm.auto import tqdm
-
         if self.scheduler is None:
             self.prepare(len(loader))
         self.step_module.train()
         sums: dict[str, float] = defaultdict(float)
         steps = images = 0
         lr = self.optimizer.param_groups[0]["lr"]
-        bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False, dynamic_ncols=True,
-                   disable=not (self.dist.is_main and sys.stderr.isatty()))
+        # a bar on a terminal, a line every $CXRLAB_PROGRESS_EVERY seconds elsewhere (logs, batch jobs)
+        bar = Progress(len(loader), f"epoch {epoch + 1}/{self.cfg.epochs}", unit="batch", enabled=self.dist.is_main)
         start = time.perf_counter()
         for batch in loader:
             batch = self._to_device(batch)
@@ -246,10 +244,7 @@ class Trainer:
                 sums[k] += v
             steps += 1
             images += batch["image"].shape[0]
-            bar.update()
-            if bar.disable is False and steps % 10 == 0:
-                bar.set_postfix(loss=f"{sums['loss'] / steps:.4f}",
-                                img_s=f"{images / (time.perf_counter() - start):.0f}")
+            bar.update(1, **{"loss": sums["loss"] / steps, "img/s": round(images / (time.perf_counter() - start))})
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - start
@@ -288,34 +283,36 @@ class Trainer:
 
     def validate(self, loader) -> dict:
         """Masked BCE and macro AUC of the evaluated weights on ``loader`` (every sample once)."""
-        logits, target, mask = self._outputs(loader)
+        logits, target, mask = self._outputs(loader, "validate")
         loss = F.binary_cross_entropy_with_logits(logits.double(), target.double(), reduction="none")
         val_loss = float((loss * mask).sum() / mask.sum().clamp_min(1.0))
         auc = macro_auc(torch.sigmoid(logits).numpy(), target.numpy(), mask.numpy())
         return {"val_loss": val_loss, "val_macro_auc": float(auc)}
 
-    def predict(self, loader) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def predict(self, loader, desc: str = "predict") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(probs, targets, masks)`` as float32 numpy N×L, from the evaluated (EMA if kept) weights.
 
         Under DDP every rank returns the whole set in dataset order, each sample once (the
         DistributedSampler's padding repeats are dropped)."""
-        logits, target, mask = self._outputs(loader)
+        logits, target, mask = self._outputs(loader, desc)
         return (torch.sigmoid(logits).numpy().astype(np.float32), target.numpy().astype(np.float32),
                 mask.numpy().astype(np.float32))
 
     @torch.no_grad()
-    def _outputs(self, loader) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _outputs(self, loader, desc: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         net = self.eval_model
         was_training = net.training
         net.eval()
         logits, targets, masks = [], [], []
-        for batch in loader:
-            batch = self._to_device(batch)
-            with autocast(self.device, self.amp_dtype):
-                out = net(batch["image"])
-            logits.append(out.logits.float())
-            targets.append(batch["target"].float())
-            masks.append(batch["mask"].float())
+        with Progress(len(loader), desc, unit="batch", enabled=self.dist.is_main) as bar:
+            for batch in loader:
+                batch = self._to_device(batch)
+                with autocast(self.device, self.amp_dtype):
+                    out = net(batch["image"])
+                logits.append(out.logits.float())
+                targets.append(batch["target"].float())
+                masks.append(batch["mask"].float())
+                bar.update(1)
         net.train(was_training)
         n_labels = len(self.label_names)
         parts = [torch.cat(x) if x else torch.zeros(0, n_labels, device=self.device) for x in (logits, targets, masks)]

@@ -9,6 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from ..progress import Progress
+
 
 def error_text(exc: BaseException) -> str:
     """How an unreadable image is reported (the ``error`` column of ``cxrlab predict``)."""
@@ -45,18 +47,21 @@ def tolerant_batches(predictor, n: int, read, batch_size: int = 32, workers: int
             pool.shutdown(wait=True, cancel_futures=True)
 
 
-def predict_tolerant(predictor, n: int, read, batch_size: int = 32, workers: int | None = None,
-                     strict: bool = False) -> tuple[np.ndarray, list[BaseException | None]]:
+def predict_tolerant(predictor, n: int, read, batch_size: int = 32, workers: int | None = None, strict: bool = False,
+                     progress: str | None = None) -> tuple[np.ndarray, list[BaseException | None]]:
     """(N×L probabilities with NaN rows for the images ``read`` could not give, their exceptions or
-    None). ``strict``: raise the first failure instead (a labelled set must be read whole)."""
+    None). ``strict``: raise the first failure instead (a labelled set must be read whole). ``progress``:
+    the name a command's progress bar or lines go under (``cxrlab.progress``); None says nothing."""
     probs, failures = [], []
-    for _, _, batch_probs, batch_failures in tolerant_batches(predictor, n, read, batch_size, workers):
-        if strict:
-            for exc in batch_failures:
-                if exc is not None:
-                    raise exc
-        probs.append(batch_probs)
-        failures += batch_failures
+    with Progress(n, progress or "", enabled=progress is not None) as bar:
+        for _, _, batch_probs, batch_failures in tolerant_batches(predictor, n, read, batch_size, workers):
+            if strict:
+                for exc in batch_failures:
+                    if exc is not None:
+                        raise exc
+            probs.append(batch_probs)
+            failures += batch_failures
+            bar.update(len(batch_failures))
     if not probs:
         return np.zeros((0, len(predictor.label_names)), dtype=np.float32), []
     return np.concatenate(probs), failures

@@ -9,3 +9,5 @@ arguments and calls one of these (``tests/test_layering.py`` checks both directi
     cross_validation, tuning    compare (and the folds of cv)
     evaluate, predict, heatmap, deploy    the commands that use a trained model
 """
+
+from ..progress import plural  # noqa: F401 (re-exported: cli/ imports only workflows, config and errors)

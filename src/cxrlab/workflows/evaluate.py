@@ -31,7 +31,8 @@ def evaluate_checkpoint(checkpoint: Path, source: str, out_dir: Path, policy: st
     predictor = Predictor.load(checkpoint)
     card = predictor.card
     scored = scoring_set(card, source, split, policy)
-    probs = predict_tolerant(predictor, len(scored.rows), lambda i: scored.fitted(card.input, i), strict=True)[0]
+    probs = predict_tolerant(predictor, len(scored.rows), lambda i: scored.fitted(card.input, i), strict=True,
+                             progress="evaluate")[0]
     probs = probs[:, scored.outputs]
     metrics = multilabel_report(probs, scored.target, scored.mask, scored.names,
                                 thresholds=predictor.thresholds[scored.outputs],

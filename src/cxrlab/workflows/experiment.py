@@ -33,6 +33,7 @@ from ..models.heads.base import Capability
 from ..models.parts import freeze, freeze_names, init_from_spec, load_parts
 from ..models.text import attach_label_text, check_label_text
 from ..registry import HEADS, LOSSES, REGIMES
+from .run_header import run_header, say_header
 
 
 @dataclass
@@ -186,11 +187,14 @@ def run(recipe: Recipe, out_dir: Path, resume: bool = False, data: PreparedData 
                                  num_workers=recipe.data.num_workers)
                for name, rows in parts.items()}
     trainer = Trainer(recipe, model, objective, regime, out_dir, data.labels.names)
+    if dist.is_main():
+        say_header(run_header(recipe, data, parts, model, trainer.device, trainer.amp_dtype, out_dir,
+                              trainer.dist.world_size, fold))
     fit = trainer.fit(loaders["train"], loaders["val"], resume=resume)
 
     names = list(data.eval_labels.names)
-    val_probs, val_target, val_mask = trainer.predict(loaders["val"])
-    test_probs, test_target, test_mask = trainer.predict(loaders["test"])
+    val_probs, val_target, val_mask = trainer.predict(loaders["val"], "score val")
+    test_probs, test_target, test_mask = trainer.predict(loaders["test"], "score test")
     cols = data.eval_columns
     val_probs, val_target, val_mask = val_probs[:, cols], val_target[:, cols], val_mask[:, cols]
     test_probs, test_target, test_mask = test_probs[:, cols], test_target[:, cols], test_mask[:, cols]
