@@ -128,7 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="probabilities and thresholded labels for images or a folder")
     p.add_argument("checkpoint", type=Path)
     p.add_argument("inputs", nargs="+", type=Path, help="image files or folders")
-    p.add_argument("--out", required=True, type=Path, help="CSV file to write")
+    p.add_argument("--out", required=True, type=Path, help="file to write (dicom-sr: a folder, one SR per image)")
+    p.add_argument("--format", default="csv", choices=["csv", "json", "dicom-sr", "fhir"],
+                   help="csv (default), json, dicom-sr (DICOM Structured Reports) or fhir (an R4B Bundle); the "
+                   "last two need `pip install 'cxrlab[interop]'`")
+    p.add_argument("--generate-uids", action="store_true",
+                   help="dicom-sr for PNG/JPEG inputs: an SR about made-up study/series/instance UIDs")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--strict", action="store_true",
@@ -209,10 +214,13 @@ def _evaluate(args) -> int:
 def _predict(args) -> int:
     from ..workflows.predict import predict_files  # lazy: start-up time; model.onnx never imports torch
 
-    table = predict_files(args.checkpoint, args.inputs, args.out, batch_size=args.batch_size, overwrite=args.overwrite)
+    table = predict_files(args.checkpoint, args.inputs, args.out, batch_size=args.batch_size, overwrite=args.overwrite,
+                          format=args.format, generate_uids=args.generate_uids)
     failed = table["error"].fillna("").astype(bool) if "error" in table else table["path"].isna()
-    print(f"wrote {len(table)} rows to {args.out}: {int((~failed).sum())} predicted, {int(failed.sum())} "
-          "unreadable (see its error column)")
+    what = {"csv": f"{len(table)} rows", "dicom-sr": f"{int((~failed).sum())} DICOM SR files",
+            "fhir": "a FHIR R4B Bundle"}.get(args.format, f"{len(table)} results")
+    print(f"wrote {what} to {args.out}: {int((~failed).sum())} predicted, {int(failed.sum())} "
+          + ("unreadable (see its error column)" if args.format == "csv" else "unreadable (named above)"))
     return 1 if args.strict and failed.any() else 0
 
 

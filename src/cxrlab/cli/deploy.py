@@ -1,4 +1,4 @@
-"""Commands that use a trained model outside training: ``export``, ``serve``, ``calibrate``."""
+"""Commands that use a trained model outside training: ``export``, ``serve``, ``calibrate``, ``card``."""
 from __future__ import annotations
 
 import argparse
@@ -28,6 +28,12 @@ def add_deploy_commands(sub) -> None:
     p.add_argument("--max-upload-mb", type=float, default=50.0, help="request body limit (413 above)")
     p.set_defaults(func=_serve)
 
+    p = sub.add_parser("card", help="a Markdown model card from a run's own files (checkpoint, metrics.json)")
+    p.add_argument("model", type=Path, help="run folder, checkpoint folder or model.onnx (with its sidecar)")
+    p.add_argument("--out", required=True, type=Path, help="the Markdown file, e.g. MODEL_CARD.md")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.set_defaults(func=_card)
+
     p = sub.add_parser("calibrate", help="refit per-label thresholds (and temperature) on a local labelled set")
     p.add_argument("checkpoint", type=Path)
     p.add_argument("--data", required=True, help="labelled source, KIND:LOCATION")
@@ -46,7 +52,7 @@ def _export(args: argparse.Namespace) -> int:
 
     sidecar = export(args.checkpoint, args.out, check=args.check, tolerance=args.tolerance, overwrite=args.overwrite)
     parity = sidecar["parity"]
-    print(f"wrote {args.out} and {args.out.name}.json: parity max |ORT - PyTorch| = {parity['max_abs_diff']:.2e} "
+    print(f"wrote {args.out}, {args.out.name}.json and {args.out.name}.card.md: parity max |ORT - PyTorch| = {parity['max_abs_diff']:.2e} "
           f"on {parity['n']} images (batch 1 and {parity['n']}; tolerance {parity['tolerance']:g})")
     return 0
 
@@ -56,6 +62,13 @@ def _serve(args: argparse.Namespace) -> int:
 
     serve(args.model, host=args.host, port=args.port, workers=args.workers, queue=args.queue,
           timeout=args.timeout, max_upload_mb=args.max_upload_mb)
+    return 0
+
+
+def _card(args: argparse.Namespace) -> int:
+    from ..workflows.deploy import model_card  # lazy: start-up time, as every command
+
+    print(f"wrote {model_card(args.model, args.out, overwrite=args.overwrite)}")
     return 0
 
 

@@ -5,18 +5,27 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import CxrlabError
+from .card import CARD_SUFFIX, card_beside_export, write_model_card
 from ..paths import check_output_file
 
 
 def export(model: Path, out: Path, check=None, tolerance: float = 1e-4, overwrite: bool = True) -> dict:
-    """``model.onnx`` + its sidecar from a checkpoint, refused (nothing written) unless ONNX Runtime
-    matches PyTorch within ``tolerance``; returns the sidecar."""
+    """``model.onnx`` + its sidecar + its model card page (``model.onnx.card.md``) from a checkpoint, refused
+    (nothing written) unless ONNX Runtime matches PyTorch within ``tolerance``; returns the sidecar."""
     from ..inference.export import export_onnx  # lazy: torch and onnx, for this command only
     from ..inference.onnx_backend import sidecar_path
 
     check_output_file(out, overwrite=overwrite, what="ONNX file")
     check_output_file(sidecar_path(out), overwrite=overwrite, what="ONNX sidecar")
-    return export_onnx(model, out, check=check, tolerance=tolerance)
+    check_output_file(Path(out).with_name(Path(out).name + CARD_SUFFIX), overwrite=overwrite, what="model card")
+    sidecar = export_onnx(model, out, check=check, tolerance=tolerance)
+    card_beside_export(out)
+    return sidecar
+
+
+def model_card(model: Path, out: Path, overwrite: bool = True) -> Path:
+    """``cxrlab card``: the Markdown model card of a run, checkpoint or ONNX export (``workflows.card``)."""
+    return write_model_card(model, out, overwrite=overwrite)
 
 
 def serve(model: Path, **options) -> None:

@@ -10,6 +10,7 @@ from ..checkpoint import latest
 from ..config import load_recipe
 from ..errors import CxrlabError
 from ..paths import writable_dir
+from .card import write_model_card
 from .cross_validation import run_cv
 from .experiment import RunResult, run
 
@@ -22,7 +23,10 @@ def train(recipe: str, out: Path, overrides=(), resume: bool = False, overwrite:
     a new run, an interrupted one to ``resume``, or (``overwrite``) a finished one replaced."""
     loaded = load_recipe(recipe, overrides)
     check_run_dir(out, resume=resume, overwrite=overwrite)
-    return run(loaded, out, resume=resume)
+    result = run(loaded, out, resume=resume)
+    if os.environ.get("RANK", "0") == "0":  # the model card page, from the files the run just wrote
+        write_model_card(Path(out), Path(out) / "report" / "MODEL_CARD.md")
+    return result
 
 
 def cv(recipe: str, out: Path, overrides=(), repeats: int | None = None, folds: int | None = None) -> dict:
