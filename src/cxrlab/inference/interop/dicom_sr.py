@@ -81,7 +81,7 @@ def build_sr(source, results: list[Finding], model: ModelIdentity, series_number
     hd = require("highdicom")
 
     algorithm = hd.sr.AlgorithmIdentification(name=model.name, version=model.version,
-                                              parameters={"sha256": model.sha256})
+                                              parameters=[f"sha256={model.sha256}"], manufacturer="cxrlab")
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=generate_uid(entropy_srcs=[model.sha256]), name=model.name[:64], manufacturer_name="cxrlab",
         model_name=model.name[:64])
