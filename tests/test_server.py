@@ -448,6 +448,10 @@ with TestClient(create_app(model, workers=1, threads=1)) as client:
     assert heat.status_code == 200, heat.text
     assert client.post("/preview", files={"file": ("a.png", image)}).status_code == 200
     assert client.get("/version").json()["provenance"]["data_kind"] == "synthetic"
+from cxrlab.cli import main
+work = sys.argv[3]
+assert main(["predict", model, sys.argv[2], "--out", work + "/p.csv"]) == 0  # the command line's ONNX path too
+assert main(["train", "demo", "--out", work + "/run"]) == 2  # a torch command: one line naming the extra
 print(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision", "timm")))
 """
 
@@ -458,8 +462,12 @@ def test_serving_an_onnx_model_imports_no_torch(model_files, shared_data, tmp_pa
 
     script = tmp_path / "serve_without_torch.py"
     script.write_text(NO_TORCH)
-    done = subprocess.run([sys.executable, str(script), str(model_files[1]), str(shared_data / "nih" / "00000001_000.png")],
+    done = subprocess.run([sys.executable, str(script), str(model_files[1]), str(shared_data / "nih" / "00000001_000.png"),
+                           str(tmp_path)],
                           capture_output=True, text=True, timeout=300, env={**__import__("os").environ,
                                                                             "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == "[]"
+    assert (tmp_path / "p.csv").read_text().count("\n") == 2  # header + the image
+    assert ("cxrlab: error: this command needs PyTorch, which is not installed (torch): pip install 'cxrlab[train]'"
+            in done.stderr), done.stderr

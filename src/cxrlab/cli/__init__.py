@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+TRAIN_EXTRA = ("torch", "torchvision", "timm")  # pyproject's `train` extra
+
+
 def _error_line(exc: BaseException) -> str:
     """One line for any error: a CxrlabError's own message, an OS error with its path and reason (a full
     disk, a denied folder), anything else with its type and a hint that ``--debug`` shows where."""
@@ -61,6 +64,10 @@ def _error_line(exc: BaseException) -> str:
 
     if isinstance(exc, CxrlabError):
         return str(exc)
+    if isinstance(exc, ImportError) and (exc.name or "").split(".")[0] in TRAIN_EXTRA:
+        # the deployment install (`cxrlab[serve]`) has no torch: only ONNX predict/serve work there
+        return (f"this command needs PyTorch, which is not installed ({exc.name}): pip install 'cxrlab[train]' "
+                "(a machine without a GPU: the CPU-only wheels, see the README's install section)")
     if isinstance(exc, OSError):
         where = f"{exc.filename}: " if exc.filename else ""
         reason = exc.strerror or str(exc)
