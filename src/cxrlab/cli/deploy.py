@@ -26,6 +26,18 @@ def add_deploy_commands(sub) -> None:
     p.add_argument("--queue", type=int, default=8, help="requests that may wait for a worker; beyond: 503")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per request before 504")
     p.add_argument("--max-upload-mb", type=float, default=50.0, help="request body limit (413 above)")
+    p.add_argument("--max-uploads", type=int, default=None,
+                   help="request bodies in flight at once; beyond: 503 (default: workers + queue)")
+    p.add_argument("--read-timeout", type=float, default=60.0,
+                   help="seconds for a request body to arrive in full, else 408 (60)")
+    p.add_argument("--token", default=None,
+                   help="require 'Authorization: Bearer TOKEN' on the API (default: env CXRLAB_TOKEN; the env "
+                        "variable keeps it out of the process list)")
+    p.add_argument("--allowed-hosts", default=None, metavar="NAMES",
+                   help="comma-separated Host names to answer, '*' for any (default: the --host address and "
+                        "localhost, 127.0.0.1, ::1)")
+    p.add_argument("--allow-remote-without-token", action="store_true",
+                   help="let a non-loopback --host start without a token (only behind a proxy that authenticates)")
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("card", help="a Markdown model card from a run's own files (checkpoint, metrics.json)")
@@ -61,7 +73,9 @@ def _serve(args: argparse.Namespace) -> int:
     from ..workflows.deploy import serve  # lazy: start-up time (torch), for every command
 
     serve(args.model, host=args.host, port=args.port, workers=args.workers, queue=args.queue,
-          timeout=args.timeout, max_upload_mb=args.max_upload_mb)
+          timeout=args.timeout, max_upload_mb=args.max_upload_mb, max_uploads=args.max_uploads,
+          read_timeout=args.read_timeout, token=args.token, hosts=args.allowed_hosts,
+          allow_remote_without_token=args.allow_remote_without_token)
     return 0
 
 

@@ -11,8 +11,10 @@ Design:
 * decoding and inference run off the event loop in a bounded pool of ``workers`` threads with a queue
   of ``queue`` more requests: beyond that a request gets 503 at once; one that takes longer than
   ``timeout`` seconds gets 504 (its slot is freed when its work ends, so the bound holds);
-* the request body limit is enforced by an ASGI middleware while the body streams in, before any
-  parsing (413); uploads are identified by content (415 for anything but PNG, JPEG, DICOM), their
+* in front of the app, the middleware of :mod:`.security`: Host allow-list (400), optional bearer
+  token (401), a cap on uploads in flight (503), the body limit enforced while the body streams in,
+  chunked or not, before any parsing (413), a deadline for the body (408), security headers; uploads
+  are identified by content (415 for anything but PNG, JPEG, DICOM), their
   declared size is checked before decoding (422 for decompression bombs), and they only ever touch
   a temporary folder of the server's own, emptied after each request;
 * labels asked for (``?labels=``) that the model was not trained on come back as ``null``;
@@ -23,7 +25,6 @@ Design:
 # no "from __future__ import annotations": FastAPI reads the endpoint annotations at runtime
 
 import asyncio
-import json
 import logging
 import os
 import shutil
@@ -45,6 +46,7 @@ from .interop import outputs as interop
 from .overlay import overlay_png, png_bytes, resize_maps
 from .predictor import Predictor
 from .provenance import provenance
+from .security import Guard, allowed_hosts, check_can_listen, check_serve_options, is_loopback
 from .uploads import MAX_PIXELS, decode_upload, decode_upload_shaped
 
 MAX_UPLOAD_BYTES = 50 * 2**20
@@ -78,57 +80,6 @@ def load_backend(path, threads: int | None = None):
     """The model behind the server: a :class:`~cxrlab.inference.predictor.Predictor` (``*.onnx`` through
     ONNX Runtime, anything else as a checkpoint) on the CPU."""
     return Predictor.load(path, device="cpu", threads=threads)
-
-
-# ------------------------------------------------------------------------------------- middleware
-
-class BodyLimit:
-    """ASGI middleware: a request body over ``limit`` bytes gets 413 before the app parses anything.
-
-    A declared Content-Length over the limit is answered at once; a body that streams past the limit
-    is read to its end without being kept (so the client sees the answer rather than a reset
-    connection) and answered 413; the app never sees it. A body within the limit is buffered (so
-    memory per request is bounded by the limit) and handed to the app."""
-
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, int(limit)
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await self._too_large(send, int(declared))
-        buffered, size, more = [], 0, True
-        while more:  # buffer the (bounded) body first, so nothing of an oversized one reaches the app
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            size += len(message.get("body", b""))
-            more = message.get("more_body", False)
-            if size > self.limit:
-                while more:
-                    message = await receive()
-                    more = message.get("type") == "http.request" and message.get("more_body", False)
-                return await self._too_large(send, size)
-            buffered.append(message.get("body", b""))
-        body = b"".join(buffered)
-        sent = False
-
-        async def replay():
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        return await self.app(scope, replay, send)
-
-    async def _too_large(self, send, size: int) -> None:
-        detail = json.dumps({"detail": f"request body of {size:,} bytes exceeds the limit of {self.limit:,} bytes"})
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": detail.encode()})
 
 
 # ------------------------------------------------------------------------------------- worker pool
@@ -181,8 +132,13 @@ class WorkerPool:
 
 def create_app(model_path, workers: int = 2, queue: int = 8, timeout: float = 30.0,
                max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_PIXELS,
-               tmp_dir=None, threads: int | None = None, delay: float = 0.0):
-    """The ASGI app (FastAPI wrapped in the body-limit middleware) for one model, loaded now.
+               tmp_dir=None, threads: int | None = None, delay: float = 0.0, token: str | None = None,
+               hosts=("*",), max_uploads: int | None = None, read_timeout: float = 60.0):
+    """The ASGI app (FastAPI wrapped in :class:`.security.Guard`) for one model, loaded now.
+
+    ``token``: required as ``Authorization: Bearer`` on the API (None: no token); ``hosts``: the Host
+    names answered (``*``: any); ``max_uploads``: bodies in flight (default: workers + queue);
+    ``read_timeout``: seconds for a request body to arrive in full.
 
     ``threads``: inference threads per worker (default: the cores shared out among the workers).
     ``tmp_dir``: where uploads are decoded (default: a fresh temporary folder, removed at shutdown).
@@ -390,19 +346,40 @@ def create_app(model_path, workers: int = 2, queue: int = 8, timeout: float = 30
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.state.backend, app.state.pool, app.state.tmp_root = backend, pool, tmp_root
-    wrapped = BodyLimit(app, max_upload_bytes)
+    wrapped = Guard(app, max_upload_bytes, token=token, hosts=hosts, max_uploads=max_uploads or pool.capacity,
+                    read_timeout=read_timeout, spool_dir=tmp_root)
     wrapped.app_state = app.state
     return wrapped
 
 
 def serve(model_path, host: str = "127.0.0.1", port: int = 8000, workers: int = 2, queue: int = 8,
-          timeout: float = 30.0, max_upload_mb: float = 50.0, log_level: str = "info") -> None:
-    """Load the model and serve it until interrupted (``cxrlab serve``)."""
+          timeout: float = 30.0, max_upload_mb: float = 50.0, log_level: str = "info", token: str | None = None,
+          hosts: str | None = None, max_uploads: int | None = None, read_timeout: float = 60.0,
+          allow_remote_without_token: bool = False) -> None:
+    """Load the model and serve it until interrupted (``cxrlab serve``); every option is checked, and the
+    port tried, before the model is loaded. ``hosts``: comma-separated Host names (see
+    :func:`.security.allowed_hosts`)."""
     import uvicorn
 
+    check_serve_options(host, port, workers, queue, timeout, max_upload_mb, read_timeout, max_uploads, token,
+                        allow_remote_without_token)
+    names = allowed_hosts(host, hosts)
+    check_can_listen(host, port)
+    log = logging.getLogger("cxrlab.serve")
     app = create_app(model_path, workers=workers, queue=queue, timeout=timeout,
-                     max_upload_bytes=int(max_upload_mb * 2**20))
+                     max_upload_bytes=int(max_upload_mb * 2**20), token=token, hosts=names,
+                     max_uploads=max_uploads, read_timeout=read_timeout)
+    log.info("answering Host %s%s", ", ".join(names), "; token required on the API" if token else "")
+    if not is_loopback(host):
+        log.warning("%s is reachable from other machines over plain HTTP%s: put a TLS reverse proxy in front "
+                    "(README: Running it safely)", host, "" if token else " and WITHOUT a token")
     # Starlette spools large multipart parts to temporary files: keep those inside our own folder too
-    tempfile.tempdir = str(app.app_state.tmp_root)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
-
+    previous_tempdir, tempfile.tempdir = tempfile.tempdir, str(app.app_state.tmp_root)
+    try:
+        # timeout_keep_alive: an idle kept-alive connection is closed after 5 s; h11_max_incomplete_event_size:
+        # request line + headers capped at 16 KiB. The body's deadline is the middleware's (read_timeout).
+        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=5,
+                    h11_max_incomplete_event_size=16 * 2**10)
+    finally:  # a start that fails (or a server that stops) leaves no temporary folder behind
+        tempfile.tempdir = previous_tempdir
+        shutil.rmtree(app.app_state.tmp_root, ignore_errors=True)

@@ -2,6 +2,7 @@
 ``ensemble`` and ``prototypes``; each checks where its output goes before any work."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ..errors import CxrlabError
@@ -28,11 +29,14 @@ def model_card(model: Path, out: Path, overwrite: bool = True) -> Path:
     return write_model_card(model, out, overwrite=overwrite)
 
 
-def serve(model: Path, **options) -> None:
-    """Serve a checkpoint or an ONNX export over HTTP until interrupted (options: see ``server.serve``)."""
+def serve(model: Path, token: str | None = None, **options) -> None:
+    """Serve a checkpoint or an ONNX export over HTTP until interrupted (options: see ``server.serve``);
+    without ``token``, the environment variable ``CXRLAB_TOKEN`` gives it (an empty one is no token)."""
     from ..inference.server import serve as run_server  # lazy: fastapi and uvicorn, for this command only
 
-    run_server(model, **options)
+    if token is None:
+        token = os.environ.get("CXRLAB_TOKEN") or None
+    run_server(model, token=token, **options)
 
 
 def calibrate(model: Path, data: str, out: Path, temperature: bool = False, method: str = "f1",

@@ -36,9 +36,30 @@ async function detail(response) {
   }
 }
 
+// a server started with a token (cxrlab serve --token) answers the API 401 without it: the page asks for
+// it once and keeps it for this tab only (sessionStorage), sending it as a bearer token
+const TOKEN_KEY = "cxrlab-token";
+let asking = null;  // one question at a time, however many requests were refused together
+
+async function api(url, options = {}) {
+  for (let attempt = 0; attempt < 3; attempt++) {
+    const token = sessionStorage.getItem(TOKEN_KEY);
+    const response = await fetch(url, { ...options, headers: token ? { Authorization: `Bearer ${token}` } : {} });
+    if (response.status !== 401 || attempt === 2) return response;
+    if (sessionStorage.getItem(TOKEN_KEY) === token) {  // not already answered by another request's question
+      asking = asking || Promise.resolve().then(() => {
+        const entered = (window.prompt("This server needs its access token:") || "").trim();
+        if (entered) sessionStorage.setItem(TOKEN_KEY, entered); else sessionStorage.removeItem(TOKEN_KEY);
+      }).finally(() => { asking = null; });
+      await asking;
+    }
+    if (!sessionStorage.getItem(TOKEN_KEY)) return response;
+  }
+}
+
 async function loadModel() {
-  const [labels, version] = await Promise.all([fetch("/labels").then((r) => r.json()),
-                                               fetch("/version").then((r) => r.json())]);
+  const [labels, version] = await Promise.all([api("/labels").then((r) => r.json()),
+                                               api("/version").then((r) => r.json())]);
   const m = version.model;
   $("model").textContent = `${m.head} on ${(m.backbones || []).join(" + ")} · ${m.format} ${m.file} · ` +
     `${labels.labels.length} labels · thresholds: ${labels.threshold_source} · ${version.runtime}`;
@@ -108,7 +129,7 @@ async function picture(endpoint, fields, token) {
   const form = new FormData();
   form.append("file", current);
   for (const [key, value] of Object.entries(fields)) form.append(key, value);
-  const response = await fetch(endpoint, { method: "POST", body: form });
+  const response = await api(endpoint, { method: "POST", body: form });
   if (token !== generation) return null;
   if (!response.ok) {
     showError(`${endpoint.slice(1)}: ${withoutName(current.name, await detail(response))}`);
@@ -168,7 +189,7 @@ async function upload(fileList) {
   $("status").textContent = files.length === 1 ? `analysing ${files[0].name}…` : `analysing ${files.length} images…`;
   const form = new FormData();
   for (const file of files) form.append("files", file);
-  const response = await fetch("/predict", { method: "POST", body: form });
+  const response = await api("/predict", { method: "POST", body: form });
   if (token !== generation) return;
   $("status").textContent = "";
   if (!response.ok) {
