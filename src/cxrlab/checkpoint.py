@@ -316,7 +316,8 @@ def load_model(checkpoint: Path, ema: bool | None = None):
         m = info["recipe"]["model"]
         labels = info["labels"]
         # normalisation comes with the weights; their names settle head options added since the save
-        model = build_from_config(m, len(labels), load_weights=False, weight_names=weights)
+        model = build_from_config(m, len(labels), load_weights=False, weight_names=weights,
+                                  image_size=(info["recipe"].get("data") or {}).get("image_size"))
     except KeyError as exc:
         raise CxrlabError(f"{folder / INFO_FILE} lacks {exc}") from None
     load_module(model, weights, where)

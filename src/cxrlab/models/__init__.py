@@ -132,18 +132,19 @@ def check_model(model_cfg) -> list[BackboneSpec]:
 
 
 def build_model(backbone: str | list, head: str, num_labels: int, pretrained: bool | str = False,
-                drop_rate: float = 0.0, head_args: dict | None = None, output_stride: int | None = None
-                ) -> CxrModel:
+                drop_rate: float = 0.0, head_args: dict | None = None, output_stride: int | None = None,
+                image_size: int | None = None) -> CxrModel:
     """``backbone`` is one timm name, or a list (names or ``{name, pretrained, output_stride}``) for
-    several backbones; ``pretrained`` and ``output_stride`` are the defaults of the list's entries."""
+    several backbones; ``pretrained`` and ``output_stride`` are the defaults of the list's entries.
+    ``image_size``: transformer backbones (ViT, EVA, Swin) are built for it (None: their own size)."""
     if isinstance(backbone, str):
         specs = [BackboneSpec(backbone, pretrained, output_stride)]
     else:
         specs = backbone_specs({"backbones": list(backbone), "pretrained": pretrained,
                                 "output_stride": output_stride})
     head_cls = check_head(head, head_args, len(specs))
-    nets = [Backbone(s.name, pretrained=s.pretrained, drop_rate=drop_rate, output_stride=s.output_stride)
-            for s in specs]
+    nets = [Backbone(s.name, pretrained=s.pretrained, drop_rate=drop_rate, output_stride=s.output_stride,
+                     image_size=image_size) for s in specs]
     if len(nets) == 1:
         net, in_features = nets[0], nets[0].num_features
     else:
@@ -152,7 +153,8 @@ def build_model(backbone: str | list, head: str, num_labels: int, pretrained: bo
     return CxrModel(net, head_cls(in_features, num_labels, **dict(head_args or {})))
 
 
-def build_from_config(model_cfg, num_labels: int, load_weights: bool = True, weight_names=None) -> CxrModel:
+def build_from_config(model_cfg, num_labels: int, load_weights: bool = True, weight_names=None,
+                      image_size: int | None = None) -> CxrModel:
     """The model a recipe's model section (``ModelConfig`` or its dict) describes. ``load_weights=False``
     skips pretrained weights (a checkpoint's own weights, and its recorded normalisation, follow).
     ``weight_names``: the names of the weights the model will load (a checkpoint's); a head class with
@@ -169,7 +171,8 @@ def build_from_config(model_cfg, num_labels: int, load_weights: bool = True, wei
     return build_model(entries if len(entries) > 1 else entries[0]["name"], head, num_labels,
                        pretrained=entries[0]["pretrained"] if len(entries) == 1 else False,
                        drop_rate=get("drop_rate", 0.0) or 0.0, head_args=head_args,
-                       output_stride=entries[0]["output_stride"] if len(entries) == 1 else None)
+                       output_stride=entries[0]["output_stride"] if len(entries) == 1 else None,
+                       image_size=image_size)
 
 
 def describe_backbones(model_cfg) -> list[tuple[str, int | None]]:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import CxrlabError, unknown
+from .weight_layouts import load_into
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ class Backbone(nn.Module):
     """
 
     def __init__(self, name: str, pretrained: bool | str = False, drop_rate: float = 0.0,
-                 output_stride: int | None = None):
+                 output_stride: int | None = None, image_size: int | None = None):
         super().__init__()
         import timm
 
@@ -51,28 +52,28 @@ class Backbone(nn.Module):
                                   f"or null, got {output_stride!r}")
             kwargs["output_stride"] = int(output_stride)
         use_pretrained = _wants_pretrained(pretrained)
+        local = None
         if isinstance(pretrained, str) and use_pretrained and pretrained not in ("true", "True", "timm"):
-            path = Path(pretrained).expanduser()
-            if not path.is_file():
-                raise CxrlabError(f"pretrained weights file not found: {path}")
-            kwargs["pretrained_cfg_overlay"] = dict(file=str(path))
+            local = Path(pretrained).expanduser()
+            if not local.is_file():
+                raise CxrlabError(f"pretrained weights file not found: {local}")
+        if image_size is not None:  # transformers (ViT, EVA, Swin) are built for the recipe's image size
+            kwargs["img_size"] = int(image_size)
         try:
-            self.net = timm.create_model(name, pretrained=use_pretrained, **kwargs)
+            try:
+                self.net = timm.create_model(name, pretrained=use_pretrained and local is None, **kwargs)
+            except TypeError as exc:
+                if "img_size" not in str(exc):
+                    raise
+                kwargs.pop("img_size")  # a CNN: any size
+                self.net = timm.create_model(name, pretrained=use_pretrained and local is None, **kwargs)
         except TypeError as exc:
             if output_stride is not None and "output_stride" in str(exc):
                 raise CxrlabError(f"model.output_stride={output_stride}: backbone {name!r} does not support an "
                                   "output stride in timm (it does for resnets, convnexts, efficientnets, ...); "
                                   "leave model.output_stride unset for it") from None
             raise
-        except Exception as exc:  # noqa: BLE001 - safetensors and torch.load raise their own error types
-            if "pretrained_cfg_overlay" in kwargs:
-                # a local file: corrupt, truncated, of another model, or a pickle needing code (refused by
-                # torch.load's weights-only unpickler; nothing in it ran)
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-                raise CxrlabError(
-                    f"model.pretrained={kwargs['pretrained_cfg_overlay']['file']}: cannot load weights for "
-                    f"{name!r} from it ({exc.__class__.__name__}: {first[:300]}); give a .safetensors file "
-                    "(or a plain tensor state dict) of this backbone") from exc
+        except Exception as exc:  # noqa: BLE001 - the hub raises its own error types
             if not isinstance(exc, (OSError, RuntimeError, ValueError)):
                 raise
             if use_pretrained:
@@ -83,6 +84,10 @@ class Backbone(nn.Module):
                     f"them when online) or pass a local file: model.pretrained=/path/to/{name}.safetensors"
                 ) from exc
             raise
+        if local is not None:
+            # a local file in timm's or a published encoder's key layout (weight_layouts); a corrupt file or
+            # a pickle needing code is refused by safetensors / torch's weights-only unpickler: nothing ran
+            self.layout = load_into(self.net, local, name)
         self.name = name
         self.num_features = self.net.num_features
         self.num_prefix_tokens = getattr(self.net, "num_prefix_tokens", 0)

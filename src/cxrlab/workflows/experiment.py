@@ -108,7 +108,7 @@ def build_parts(recipe: Recipe, data: PreparedData, train_rows: np.ndarray, fold
     ``model.freeze`` frozen."""
     seed_everything(recipe.train.seed)  # model init and regime modules are part of the seeded run
     m = recipe.model
-    model = build_from_config(m, len(data.labels))
+    model = build_from_config(m, len(data.labels), image_size=recipe.data.image_size)
     _init_and_freeze(model, m, fold)
     full = data.full_target[train_rows] if data.full_target is not None else None
     ctx = LossContext.from_targets(data.labels.names, data.target[train_rows], data.mask[train_rows], full)
