@@ -200,3 +200,23 @@ def test_without_the_extra_a_clear_message(ckpt, dcm, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "highdicom", None)  # as if not installed: importing it fails
     with pytest.raises(CxrlabError, match=r"highdicom, which is not installed: pip install 'cxrlab\[interop\]'"):
         predict_files(ckpt, [dcm], tmp_path / "sr", format="dicom-sr")
+
+
+def test_json_format_from_python_repeats_the_csv(ckpt, dcm, shared_data, tmp_path):
+    import cxrlab
+
+    png = shared_data / "nih" / "00000001_000.png"
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not an image")
+    probs = probabilities(ckpt, [dcm, png], tmp_path)
+    result = cxrlab.predict(ckpt, [dcm, png, bad], tmp_path / "out.json", format="json")
+    data = json.loads((tmp_path / "out.json").read_text())
+    assert data["model"]["sha256"] == weights_sha(ckpt) and data["statement"] == STATEMENT
+    assert [r["file"] for r in data["results"]] == [str(dcm), str(png), str(bad)]
+    for entry in data["results"][:2]:
+        for item, threshold in zip(entry["labels"], THRESHOLDS):
+            p = probs[entry["file"]][item["label"]]
+            assert item["probability"] == pytest.approx(p, abs=1e-6) and item["threshold"] == pytest.approx(threshold)
+            assert item["positive"] == (item["probability"] >= threshold)
+    assert data["results"][2]["labels"] is None and data["results"][2]["error"]  # unreadable: its reason, no labels
+    assert len(result.table) == 3

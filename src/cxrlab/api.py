@@ -152,15 +152,16 @@ def evaluate(model: PathLike, data: str, out: PathLike, *, policy: str | None = 
 
 
 def predict(model: PathLike, inputs: PathLike | list[PathLike], out: PathLike, *, batch_size: int = 32,
-            overwrite: bool = False) -> PredictionResult:
+            overwrite: bool = False, format: str = "csv", generate_uids: bool = False) -> PredictionResult:
     """``cxrlab predict``: probabilities and thresholded labels for image files and folders, written to the
     CSV ``out``; an unreadable image is a row with its ``error``, not an exception (see ``.failed``).
-    ``model``: a checkpoint, a run folder, or a ``model.onnx`` (ONNX Runtime; torch is not imported)."""
+    ``model``: a checkpoint, a run folder, or a ``model.onnx`` (ONNX Runtime; torch is not imported).
+    ``format``: json, dicom-sr (``out`` a folder) or fhir write that instead, as ``--format`` does."""
     from .workflows.predict import predict_files  # lazy: torch only for a checkpoint, not a model.onnx
 
     inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     table = predict_files(Path(model), [Path(p) for p in inputs], Path(out), batch_size=batch_size,
-                          overwrite=overwrite)
+                          overwrite=overwrite, format=format, generate_uids=generate_uids)
     return PredictionResult(Path(out), table)
 
 
