@@ -148,3 +148,189 @@ def test_chexpert_exact_duplicate_warned_and_droppable(tmp_path, shared_data, ca
         assert len(parse_source(f"chexpert:{root}").meta) == 4
     assert "1 duplicate rows (lines 5) kept" in caplog.text
     assert len(parse_source(f"chexpert:{root}", duplicates="drop").meta) == 3
+
+
+# ---- item 5: outputs checked before any work; heatmap goes on past unreadable images --------------------
+
+def tiny(tmp_path: Path, head: str = "linear") -> Path:
+    from test_export import tiny_checkpoint
+
+    return tiny_checkpoint(tmp_path / f"ckpt_{head}", head, size=32)
+
+
+@pytest.fixture
+def pictures(tmp_path) -> Path:
+    from PIL import Image
+
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    Image.fromarray(np.full((40, 40), 90, np.uint8)).save(folder / "a.png")
+    (folder / "b.png").write_text("not an image")
+    Image.fromarray(np.tile(np.arange(40, dtype=np.uint8) * 6, (40, 1))).save(folder / "c.png")
+    return folder
+
+
+def test_heatmap_refuses_a_folder_with_files_unless_overwrite(tmp_path, pictures, capsys):
+    ckpt, out = tiny(tmp_path), tmp_path / "maps"
+    assert main(["heatmap", str(ckpt), str(pictures / "a.png"), "--out", str(out), "--top", "1"]) == 0
+    first = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    capsys.readouterr()
+    assert main(["heatmap", str(ckpt), str(pictures / "a.png"), "--out", str(out), "--top", "1"]) == 2
+    assert "already exists and is not empty; pass --overwrite" in error_line(capsys)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == first  # nothing redrawn
+    assert main(["heatmap", str(ckpt), str(pictures / "a.png"), "--out", str(out), "--top", "1", "--overwrite"]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} != first
+
+
+@pytest.mark.parametrize("top", ["-1", "0"])
+def test_heatmap_top_must_be_at_least_one(tmp_path, pictures, capsys, top):
+    out = tmp_path / "maps"
+    assert main(["heatmap", str(tiny(tmp_path)), str(pictures / "a.png"), "--out", str(out), "--top", top]) == 2
+    assert f"--top must be a whole number >= 1 (labels drawn per image), got {top}" in error_line(capsys)
+    assert not out.exists()
+
+
+def test_heatmap_goes_on_past_unreadable_images_and_names_them(tmp_path, pictures, capsys):
+    out = tmp_path / "maps"
+    assert main(["heatmap", str(tiny(tmp_path)), str(pictures), "--out", str(out), "--top", "2"]) == 0
+    assert sorted(p.name.split("_")[0] for p in out.iterdir()) == ["a", "a", "c", "c"]
+    printed = capsys.readouterr()
+    assert f"wrote 4 heatmaps to {out}; 1 unreadable: {pictures / 'b.png'}" in printed.out
+    assert "cannot read" in printed.err and "b.png" in printed.err
+
+
+def test_heatmap_with_no_readable_image_exits_1_and_leaves_no_folder(tmp_path, pictures, capsys):
+    out = tmp_path / "maps"
+    assert main(["heatmap", str(tiny(tmp_path)), str(pictures / "b.png"), "--out", str(out)]) == 1
+    assert "wrote 0 heatmaps" in capsys.readouterr().out
+    assert not out.exists()
+
+
+def test_prototypes_refuses_a_folder_with_files_unless_overwrite(tmp_path, capsys):
+    ckpt, out = tiny(tmp_path, "prototype"), tmp_path / "proto"
+    assert main(["prototypes", str(ckpt), "--out", str(out)]) == 0
+    before = (out / "prototypes.json").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(["prototypes", str(ckpt), "--out", str(out)]) == 2
+    assert "prototypes folder" in error_line(capsys) and (out / "prototypes.json").stat().st_mtime_ns == before
+    assert main(["prototypes", str(ckpt), "--out", str(out), "--overwrite"]) == 0
+
+
+def test_prototypes_checks_out_before_loading_and_leaves_no_folder(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    # the checkpoint has the wrong head, but the output is what is checked first
+    assert main(["prototypes", str(tiny(tmp_path)), "--out", str(blocker / "proto")]) == 2
+    assert f"prototypes folder {blocker / 'proto'} cannot be made: {blocker} is a file" in error_line(capsys)
+    assert main(["prototypes", str(tiny(tmp_path)), "--out", str(tmp_path / "proto")]) == 2
+    assert "needs one trained with model.head=prototype" in error_line(capsys)
+    assert not (tmp_path / "proto").exists()
+
+
+def test_calibrate_out_under_a_file_fails_before_any_work(tmp_path, capsys, monkeypatch):
+    import cxrlab.inference.calibrate as calibration
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("predicted before checking --out")
+
+    monkeypatch.setattr(calibration, "predict_tolerant", no_work)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    assert main(["calibrate", str(tiny(tmp_path)), "--data", "synthetic:12,size=32", "--out",
+                 str(blocker / "site")]) == 2
+    assert f"--out {blocker / 'site'} cannot be made: {blocker} is a file" in error_line(capsys)
+
+
+# ---- item 7: calibration on too few images --------------------------------------------------------------
+
+def test_calibrate_temperature_keeps_labels_with_too_few_positives_and_names_them(tmp_path, caplog):
+    from cxrlab.checkpoint import read_card
+    from cxrlab.inference.calibrate import calibrate
+
+    ckpt = tiny(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="cxrlab"):
+        record = calibrate(ckpt, "synthetic:4,size=32,seed=1", tmp_path / "site", temperature=True)
+    assert set(record["temperature_kept"]) == {"Atelectasis", "Cardiomegaly", "Effusion"}
+    assert all(v["positives"] + v["negatives"] == 4 for v in record["temperature_kept"].values())
+    assert "too few to fit a temperature" in caplog.text and "Cardiomegaly (" in caplog.text
+    assert read_card(tmp_path / "site").temperature == pytest.approx((1.0, 1.0, 1.0))  # not pinned at 0.05 or 20
+
+
+# ---- item 8: train's rules everywhere ------------------------------------------------------------------
+
+def test_demo_refuses_a_finished_run_unless_overwrite(tmp_path, capsys):
+    run = tmp_path / "demo" / "run"
+    (run / "best").mkdir(parents=True)
+    (run / "log.csv").write_text("epoch\n1\n")
+    assert main(["demo", "--out", str(tmp_path / "demo"), *TINY]) == 2
+    line = error_line(capsys)
+    assert f"{run} already holds a run (best, log.csv); use --resume to continue it, --overwrite" in line
+    assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == ["run"]  # nothing prepared
+
+
+def test_demo_resume_with_nothing_to_resume_leaves_no_folder(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--resume", *TINY]) == 2
+    assert "--resume: nothing to resume" in error_line(capsys)
+    assert not (tmp_path / "demo").exists()
+
+
+def fake_run(folder: Path, overrides: list[str]) -> Path:
+    """A run folder whose last/ checkpoint was trained with ``overrides`` (only its recipe is read)."""
+    (folder / "last").mkdir(parents=True)
+    from cxrlab.checkpoint import FORMAT, VERSION
+
+    info = {"format": FORMAT, "version": VERSION, "recipe": load_recipe("demo", overrides).to_dict(), "labels": ["a"]}
+    (folder / "last" / "checkpoint.json").write_text(json.dumps(info))
+    return folder
+
+
+def test_resume_refuses_a_changed_recipe_naming_the_fields(tmp_path, capsys):
+    run = fake_run(tmp_path / "run", TINY)
+    assert main(["train", "demo", "--out", str(run), "--resume", *TINY, "data.image_size=64",
+                 "data.source=synthetic:4000"]) == 2
+    line = error_line(capsys)
+    assert "the recipe differs" in line
+    assert "data.image_size: 32 -> 64; data.source: 'synthetic:160' -> 'synthetic:4000'" in line
+
+
+def test_resume_allows_more_epochs(tmp_path):
+    from cxrlab.workflows.train import check_same_recipe
+
+    last = fake_run(tmp_path / "run", TINY) / "last"
+    with pytest.raises(CxrlabError, match=r"train.batch_size: 32 -> 16"):
+        check_same_recipe(last, load_recipe("demo", TINY + ["train.batch_size=16"]))
+    check_same_recipe(last, load_recipe("demo", TINY + ["train.epochs=5", "data.num_workers=2"]))
+
+
+def test_ensemble_refuses_a_member_without_thresholds_unless_told(tmp_path, capsys):
+    best, last = tiny(tmp_path), tmp_path / "last"
+    shutil.copytree(best, last)
+    info = json.loads((last / "checkpoint.json").read_text())
+    del info["thresholds"]  # as a last/ checkpoint: thresholds are fitted on the selected best/ only
+    (last / "checkpoint.json").write_text(json.dumps(info))
+    assert main(["ensemble", str(best), str(last), "--out", str(tmp_path / "ens")]) == 2
+    assert f"ensemble: {last} has no fitted thresholds" in error_line(capsys)
+    assert not (tmp_path / "ens").exists()
+    assert main(["ensemble", str(best), str(last), "--out", str(tmp_path / "ens"), "--missing-thresholds", "0.4"]) == 0
+    fused = json.loads((tmp_path / "ens" / "checkpoint.json").read_text())["thresholds"]
+    assert fused == pytest.approx([(0.3 + 0.4) / 2, (0.5 + 0.4) / 2, (0.6 + 0.4) / 2])
+    assert main(["ensemble", str(best), str(last), "--out", str(tmp_path / "e2"), "--missing-thresholds", "nan"]) == 2
+    assert "--missing-thresholds must be a probability between 0 and 1, got nan" in error_line(capsys)
+
+
+def test_heatmap_of_an_onnx_model_says_it_needs_a_checkpoint_before_creating_anything(tmp_path, pictures, capsys):
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"not read")
+    assert main(["heatmap", str(model), str(pictures / "a.png"), "--out", str(tmp_path / "maps")]) == 2
+    assert f"heatmap needs a checkpoint (a checkpoint or run folder): {model} is an ONNX export" in error_line(capsys)
+    assert not (tmp_path / "maps").exists()
+
+
+@pytest.mark.parametrize("kind", ["nih", "chexpert", "mimic"])
+def test_missing_data_folder_names_the_override_and_leaves_no_run_folder(tmp_path, capsys, kind):
+    missing = tmp_path / "no-such-data"
+    assert main(["train", "demo", "--out", str(tmp_path / "run"), *TINY, f"data.source={kind}:{missing}",
+                 f"data.cache_dir={tmp_path / 'cache'}"]) == 2
+    line = error_line(capsys)
+    assert f"{kind}: folder not found: {missing}; point the source at your copy with data.source={kind}:<folder>" in line
+    assert not (tmp_path / "run").exists()

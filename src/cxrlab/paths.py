@@ -49,3 +49,40 @@ def check_output_dir(path: Path, overwrite: bool = False, what: str = "output fo
         raise CxrlabError(f"{what} {path} already exists and is not empty; pass --overwrite to replace its "
                           "contents, or choose another --out")
     return writable_dir(path, what)
+
+
+def check_new_dir(path: Path, overwrite: bool = False, what: str = "output folder") -> Path:
+    """As ``check_output_dir``, but nothing is created: a missing folder is checked through its nearest
+    existing parent (a folder, writable), so a command that fails before writing leaves no empty folder.
+    Create it with ``path.mkdir(parents=True, exist_ok=True)`` when the first file is ready."""
+    path = Path(path)
+    if path.exists():
+        return check_output_dir(path, overwrite, what)
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CxrlabError(f"{what} {path} cannot be made: {parent} is a file, not a folder; choose another path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CxrlabError(f"{what} {path} cannot be made: {parent} is not writable (permission denied)")
+    return path
+
+
+class removed_if_empty:  # noqa: N801 - used as a context manager, like a function
+    """``with removed_if_empty(folder):`` a folder the block creates is removed again when the block fails
+    and left it empty (no empty run or output folder after an error); a folder that existed is kept."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.existed = self.folder.exists()
+
+    def __enter__(self) -> Path:
+        return self.folder
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if kind is not None and not self.existed and self.folder.is_dir():
+            try:
+                self.folder.rmdir()  # only when empty: anything written stays for the user to see
+            except OSError:
+                pass
+        return False

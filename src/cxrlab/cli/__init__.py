@@ -152,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", type=Path, help="image files or folders")
     p.add_argument("--out", required=True, type=Path, help="folder for the PNGs")
     p.add_argument("--labels", default=None, help="comma-separated label names (default: the top ones)")
-    p.add_argument("--top", type=int, default=3, help="without --labels: this many most probable labels")
+    p.add_argument("--top", type=int, default=3, help="without --labels: this many most probable labels (>= 1)")
+    p.add_argument("--overwrite", action="store_true", help="write into an --out folder that already holds files")
     p.add_argument("--method", default="native", choices=["native", "gradcam", "gradcampp"],
                    help="native: the head's attention or CAM; gradcam/gradcampp: Grad-CAM(++), any head")
     p.set_defaults(func=_heatmap)
@@ -169,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="prepare, train, evaluate, report and predict on the embedded synthetic data")
     p.add_argument("--out", type=Path, default=Path("cxrlab-demo"))
+    p.add_argument("--resume", action="store_true", help="continue an interrupted demo run in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace the finished demo run in --out")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     p.set_defaults(func=_demo)
     return parser
@@ -235,10 +238,13 @@ def _heatmap(args) -> int:
     from ..workflows.heatmap import write_heatmaps  # lazy: start-up time (torch), for every command
 
     labels = [n.strip() for n in args.labels.split(",")] if args.labels else None
+    failures: list = []
     written = write_heatmaps(args.checkpoint, args.inputs, args.out, labels=labels, top=args.top,
-                             method=args.method)
-    print(f"wrote {plural(len(written), 'heatmap')} to {args.out}")
-    return 0
+                             method=args.method, overwrite=args.overwrite, failures=failures)
+    print(f"wrote {plural(len(written), 'heatmap')} to {args.out}"
+          + (f"; {len(failures)} unreadable: {', '.join(str(path) for path, _ in failures[:5])}"
+             + (", ..." if len(failures) > 5 else "") if failures else ""))
+    return 1 if failures and not written else 0  # as predict: unreadable images cost only their own maps
 
 
 def _list(args) -> int:
@@ -260,7 +266,7 @@ def _list(args) -> int:
 def _demo(args) -> int:
     from ..workflows.demo import run_demo  # lazy: start-up time (torch), for every command
 
-    run_demo(args.out, args.overrides)
+    run_demo(args.out, args.overrides, resume=args.resume, overwrite=args.overwrite)
     return 0
 
 

@@ -9,7 +9,9 @@ writes a copy of the checkpoint whose ``checkpoint.json`` holds
   the local set scores with both classes present; the others keep their old threshold;
 * ``temperature`` (with ``--temperature``): per label, ``T_c`` minimising the local binary cross-entropy
   of ``sigmoid(logit / T_c)`` (temperature scaling, Guo et al., "On Calibration of Modern Neural
-  Networks", ICML 2017, here per label); thresholds are then fitted on the scaled probabilities.
+  Networks", ICML 2017, here per label); thresholds are then fitted on the scaled probabilities. A label
+  with fewer than 5 positives or negatives keeps its previous temperature (a warning names it; the record's
+  ``temperature_kept``), since so few images pin the fit at a bound.
   Every backend (checkpoint predict, evaluate, heatmap, the ONNX export, the server) applies it and
   reports scaled probabilities. ``thresholds`` are stored on the unscaled scale, as every card holds
   them (``sigmoid(T·logit(t))``; scaling is monotonic per label); the backends decide at
@@ -25,6 +27,7 @@ The copy's model card is rewritten through the card's codec; nothing else of the
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import shutil
 from pathlib import Path
 
@@ -36,8 +39,12 @@ from ..errors import CxrlabError
 from ..metrics import fit_thresholds
 from ..metrics.calibration import DEFAULT_BINS, label_calibration
 from ..model_card import logit, scaled_thresholds, unscaled_thresholds
+from ..paths import check_new_dir
 from .batch import predict_tolerant
 from .predictor import Predictor
+
+log = logging.getLogger("cxrlab")
+MIN_PER_CLASS = 5  # positives and negatives a label needs for its temperature (fewer pin it at a bound)
 
 
 def fit_temperature(logits: np.ndarray, targets: np.ndarray, bounds: tuple[float, float] = (0.05, 20.0),
@@ -104,6 +111,7 @@ def calibrate(checkpoint, source: str, out, temperature: bool = False, method: s
         raise CxrlabError(f"--out {out} is the checkpoint itself; calibration writes a copy")
     if out.exists():
         raise CxrlabError(f"--out {out} exists; choose a new folder for the calibrated checkpoint")
+    check_new_dir(out, what="--out")  # a file or a denied folder on the way fails now, not after the work
     # the model's own probabilities: a temperature already recorded is applied below, unless refitted
     predictor = Predictor.from_checkpoint(folder, calibrated=False)
     card = predictor.card
@@ -120,9 +128,19 @@ def calibrate(checkpoint, source: str, out, temperature: bool = False, method: s
     temperatures = np.ones(len(predictor.label_names)) if previous is None else np.asarray(previous, np.float64)
     old_temperatures = temperatures.copy()
     logits = logit(probs)
+    too_few = {}  # label -> (positives, negatives) too few to fit a temperature on: the old one is kept
     if temperature:
         for k, o in enumerate(outputs):
-            temperatures[o] = fit_temperature(logits[known[:, k], k], target[known[:, k], k])
+            y = target[known[:, k], k]
+            if min(int(y.sum()), int((~y).sum())) < MIN_PER_CLASS:
+                too_few[predictor.label_names[o]] = (int(y.sum()), int((~y).sum()))
+                continue
+            temperatures[o] = fit_temperature(logits[known[:, k], k], y)
+        if too_few:
+            shown = ", ".join(f"{n} ({p}+/{q}-)" for n, (p, q) in list(too_few.items())[:8])
+            log.warning(f"calibrate: warning: {len(too_few)} labels have fewer than {MIN_PER_CLASS} positives or "
+                        f"negatives in {source}, too few to fit a temperature; they keep their previous one: {shown}"
+                        + (", ..." if len(too_few) > 8 else ""))
     if temperature or previous is not None:
         probs = 1 / (1 + np.exp(-logits / temperatures[outputs]))
     fitted = fit_thresholds(probs, scored.target, scored.mask, method=method)  # on the scaled probabilities
@@ -139,6 +157,7 @@ def calibrate(checkpoint, source: str, out, temperature: bool = False, method: s
     date = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     record = {"source": source, "split": split, "n": int(len(rows)), "date": date, "method": method,
               "temperature": bool(temperature), "labels_refitted": refitted, "labels_kept": kept,
+              "temperature_kept": {n: {"positives": p, "negatives": q} for n, (p, q) in too_few.items()},
               "previous_threshold_source": card.threshold_source, "from_checkpoint": str(folder)}
     names = [predictor.label_names[o] for o in outputs]
     record["before_after"] = {"bins": int(bins), "binning": "equal-mass", "fitted": _before_after(

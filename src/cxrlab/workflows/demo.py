@@ -7,20 +7,30 @@ from pathlib import Path
 import numpy as np
 
 from ..config import load_recipe
+from ..paths import removed_if_empty
 from .experiment import check_parts, prepare_data, run
 from .predict import predict_files
+from .train import check_run_dir
 
 
-def run_demo(out_dir: Path, overrides: list[str] = ()) -> dict:
+def run_demo(out_dir: Path, overrides: list[str] = (), resume: bool = False, overwrite: bool = False) -> dict:
+    """The demo into ``out_dir``; its run (``out_dir/run``) follows train's rules: a finished run is kept
+    unless ``overwrite``, an interrupted one goes on with ``resume`` (same overrides)."""
     start = time.perf_counter()
     out_dir = Path(out_dir)
     recipe = load_recipe("demo", [f"data.cache_dir={out_dir / 'cache'}", *overrides])
     check_parts(recipe)  # a misfit head, loss or regime fails now, not after preparing the data
+    with removed_if_empty(out_dir), removed_if_empty(out_dir / "run"):  # no empty folders after a failure
+        check_run_dir(out_dir / "run", resume=resume, overwrite=overwrite, recipe=recipe)
+        return _demo(recipe, out_dir, resume, start)
+
+
+def _demo(recipe, out_dir: Path, resume: bool, start: float):
     print(f"[1/4] preparing {recipe.data.source} at {recipe.data.image_size} px")
     data = prepare_data(recipe)
     print(f"[2/4] training {recipe.model.backbone} + {recipe.model.head} head, loss {recipe.loss}, "
           f"{recipe.train.epochs} epochs")
-    result = run(recipe, out_dir / "run", data=data)
+    result = run(recipe, out_dir / "run", resume=resume, data=data)
     print("[3/4] predicting on a few images written as PNG files")
     samples = _write_samples(data, out_dir / "samples", n=4)
     predictions = predict_files(result.checkpoint, [samples], out_dir / "predictions.csv")

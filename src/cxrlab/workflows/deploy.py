@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..errors import CxrlabError
 from .card import CARD_SUFFIX, card_beside_export, write_model_card
-from ..paths import check_output_file
+from ..paths import check_new_dir, check_output_file, removed_if_empty
 
 
 def export(model: Path, out: Path, check=None, tolerance: float = 1e-4, overwrite: bool = True) -> dict:
@@ -64,8 +64,10 @@ def before_after_lines(record: dict) -> list[str]:
     return lines
 
 
-def ensemble(checkpoints: list[Path], out: Path, weights: str | None = None) -> Path:
-    """An ensemble folder of ``checkpoints``; ``weights``: comma-separated positive numbers, one each."""
+def ensemble(checkpoints: list[Path], out: Path, weights: str | None = None,
+             missing_thresholds: float | None = None) -> Path:
+    """An ensemble folder of ``checkpoints``; ``weights``: comma-separated positive numbers, one each;
+    ``missing_thresholds``: the threshold for a member that has none (else such a member is refused)."""
     from .ensemble import build_ensemble  # lazy: start-up time (torch)
 
     values = None
@@ -74,10 +76,14 @@ def ensemble(checkpoints: list[Path], out: Path, weights: str | None = None) -> 
             values = [float(w) for w in weights.split(",")]
         except ValueError:
             raise CxrlabError(f"--weights {weights!r}: expected comma-separated numbers, e.g. 2,1") from None
-    return build_ensemble(checkpoints, out, values)
+    return build_ensemble(checkpoints, out, values, missing_thresholds)
 
 
-def prototypes(model: Path, out: Path) -> dict:
+def prototypes(model: Path, out: Path, overwrite: bool = True) -> dict:
+    """The prototype report of ``model`` in the folder ``out``, checked first: not a file, not a folder
+    holding files unless ``overwrite``, writable; a failed run leaves no empty folder."""
     from ..inference.prototypes import write_prototype_report  # lazy: start-up time (torch)
 
-    return write_prototype_report(model, out)
+    check_new_dir(out, overwrite, "prototypes folder")
+    with removed_if_empty(out):
+        return write_prototype_report(model, out)

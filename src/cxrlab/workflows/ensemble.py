@@ -25,8 +25,13 @@ from ..serialization import sha256_file
 MEMBERS_DIR = "members"
 
 
-def build_ensemble(checkpoints: list, out: Path, weights: list[float] | None = None) -> Path:
-    """Write an ensemble folder at ``out`` from checkpoint (or run) folders; returns ``out``."""
+def build_ensemble(checkpoints: list, out: Path, weights: list[float] | None = None,
+                   missing_thresholds: float | None = None) -> Path:
+    """Write an ensemble folder at ``out`` from checkpoint (or run) folders; returns ``out``. A member
+    without fitted thresholds (a ``last/`` checkpoint) is refused unless ``missing_thresholds`` says
+    what to use for its labels (e.g. 0.5)."""
+    if missing_thresholds is not None and not 0 < missing_thresholds < 1:  # NaN fails this too
+        raise CxrlabError(f"--missing-thresholds must be a probability between 0 and 1, got {missing_thresholds}")
     if not checkpoints:
         raise CxrlabError("ensemble: give at least one checkpoint")
     weights = [1.0] * len(checkpoints) if weights is None else [float(w) for w in weights]
@@ -41,6 +46,11 @@ def build_ensemble(checkpoints: list, out: Path, weights: list[float] | None = N
             raise CxrlabError(f"ensemble: {folder} is itself an ensemble; list its members instead")
     labels = _common_labels(folders, infos)
     cards = [card_from_json(info, folder / INFO_FILE) for folder, info in zip(folders, infos)]
+    for folder, card in zip(folders, cards):
+        if not card.thresholds and missing_thresholds is None:
+            raise CxrlabError(f"ensemble: {folder} has no fitted thresholds (a last/ checkpoint, or a run that did not "
+                              "finish); use its run's best/, calibrate it, or pass --missing-thresholds 0.5 to use "
+                              "0.5 for its labels")
     first = cards[0].input
     for folder, card in zip(folders[1:], cards[1:]):
         for key in ("size", "resize", "decoder"):
@@ -67,7 +77,7 @@ def build_ensemble(checkpoints: list, out: Path, weights: list[float] | None = N
                 sums[file] = sha256_file(target / file)
             members.append({"path": f"{MEMBERS_DIR}/{name}", "from": str(folder), "weight": w / total,
                             "sha256": sums})
-            own = cards[k].thresholds or [0.5] * len(cards[k].labels)
+            own = cards[k].thresholds or [missing_thresholds] * len(cards[k].labels)
             thresholds += w / total * np.asarray(own, np.float64)[[cards[k].labels.index(n) for n in labels]]
         card = _ensemble_card(cards, labels, thresholds)
         ensemble_info = {"format": FORMAT, "version": VERSION, "kind": KIND, **card_to_json(card),

@@ -27,6 +27,12 @@ def abspath(path) -> Path:
     return Path(os.path.abspath(os.path.expanduser(str(path))))
 
 
+def not_found(kind: str, location, what: str = "folder") -> CxrlabError:
+    """The data is not where the source says: name the path and the override that points elsewhere."""
+    return CxrlabError(f"{kind}: {what} not found: {location}; point the source at your copy with "
+                       f"data.source={kind}:<{what}> (a train/cv override) or --data {kind}:<{what}>")
+
+
 def with_gz(names: Iterable[str]) -> list[str]:
     """Every name and its ``.gz`` variant, plain first."""
     return [n for name in names for n in (name, name + ".gz")]

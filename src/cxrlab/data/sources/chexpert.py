@@ -18,8 +18,8 @@ import pandas as pd
 from ...errors import CxrlabError
 from ...labels import CHEXPERT14
 from ..records import Records
-from ._common import (abspath, duplicate_rows, find_file, finish, first_line, label_matrix, make_meta, read_table,
-                      require_columns)
+from ._common import (abspath, duplicate_rows, find_file, finish, first_line, label_matrix, make_meta, not_found,
+                      read_table, require_columns)
 
 FILES = {"train": "train.csv", "val": "valid.csv", "test": "test_labels.csv"}
 PATH_PATTERN = r"(?:^|/)(patient\d+)/(study\d+)/"
@@ -41,7 +41,7 @@ def _label_files(location: Path) -> list[tuple[Path, str]]:
         name = location.name.lower()
         return [(location, "val" if "valid" in name else "test" if "test" in name else "train")]
     if not location.is_dir():
-        raise CxrlabError(f"chexpert: folder not found: {location}")
+        raise not_found("chexpert", location)
     for folder in [location, *sorted(location.glob("CheXpert-v1.0*"))]:
         found = [(find_file(folder, [name], "chexpert", required=False), part) for part, name in FILES.items()]
         found = [(path, part) for path, part in found if path is not None]

@@ -13,7 +13,7 @@ from ...labels import LabelSpace, parse_labels
 from ..images import IMAGE_SUFFIXES
 from ..records import Records
 from ._common import (abspath, duplicate_rows, finish, first_line, label_matrix, looks_numeric, make_meta,
-                      read_table, require_columns, space_for)
+                      not_found, read_table, require_columns, space_for)
 
 META_COLUMNS = ("path", "patient_id", "study_id", "view", "split", "sex", "age")
 YES_NO = {"yes", "no", "y", "n", "true", "false", "positive", "negative"}
@@ -33,7 +33,7 @@ def load_csv(location, views=None, labels=None, duplicates: str = "warn") -> Rec
     """
     csv = abspath(location)
     if not csv.is_file():
-        raise CxrlabError(f"csv: file not found: {csv}")
+        raise not_found("csv", csv, "file")
     duplicates = choose(Duplicates, duplicates, "duplicates option")
     df = read_table(csv)
     if df.shape[1] == 0:

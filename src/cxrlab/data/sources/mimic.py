@@ -12,7 +12,8 @@ from ...config import Labeller, choose
 from ...errors import CxrlabError
 from ...labels import MIMIC14
 from ..records import Records
-from ._common import abspath, find_file, finish, first_line, label_matrix, make_meta, read_table, require_columns
+from ._common import (abspath, find_file, finish, first_line, label_matrix, make_meta, not_found, read_table,
+                      require_columns)
 
 PREFIX = "mimic-cxr-2.0.0-"
 LABELLERS = tuple(c.value for c in Labeller)  # the values of data.labeller, for listing
@@ -25,7 +26,7 @@ def load_mimic(location, views=None, labeller: str = "chexpert") -> Records:
     labeller = choose(Labeller, labeller, "MIMIC labeller")
     root = abspath(location)
     if not root.is_dir():
-        raise CxrlabError(f"mimic: folder not found: {root}")
+        raise not_found("mimic", root)
     meta_csv = find_file(root, [PREFIX + "metadata.csv"], "mimic")
     images = read_table(meta_csv, usecols=lambda c: c in (*IDS, "ViewPosition"), dtype=IDS)
     require_columns(images, ("dicom_id", "subject_id", "study_id", "ViewPosition"), meta_csv)

@@ -16,7 +16,7 @@ from ...errors import CxrlabError, unknown
 from ...labels import NIH14, NO_FINDING
 from ..images import IMAGE_SUFFIXES
 from ..records import Records
-from ._common import (abspath, duplicate_rows, find_file, finish, first_line, make_meta, read_table,
+from ._common import (abspath, duplicate_rows, find_file, finish, first_line, make_meta, not_found, read_table,
                       require_columns)
 
 LABEL_FILES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")
@@ -36,7 +36,7 @@ def load_nih(location, views=None, duplicates: str = "warn") -> Records:
     elif location.is_dir():
         root, csv = location, find_file(location, LABEL_FILES, "nih")
     else:
-        raise CxrlabError(f"nih: folder not found: {location}")
+        raise not_found("nih", location)
     df = read_table(csv, usecols=lambda c: c in COLUMNS + DEMOGRAPHICS)
     require_columns(df, COLUMNS, csv)
     names = df["Image Index"].astype("str").str.strip()
