@@ -334,3 +334,20 @@ def test_missing_data_folder_names_the_override_and_leaves_no_run_folder(tmp_pat
     line = error_line(capsys)
     assert f"{kind}: folder not found: {missing}; point the source at your copy with data.source={kind}:<folder>" in line
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("content, reason", [
+    ("text", "cannot load weights for 'test_resnet' from it (not a PyTorch (torch.save) or safetensors file)"),
+    ("int_keys", "not a state dict: its keys are not parameter names (e.g. 101)"),
+])
+def test_pretrained_file_that_is_not_a_state_dict_is_one_line_naming_it(tmp_path, capsys, content, reason):
+    import torch
+
+    weights = tmp_path / "weights.pt"
+    if content == "text":
+        weights.write_text("hello")  # torch.load said "KeyError: 101"
+    else:
+        torch.save({101: torch.zeros(3)}, weights)
+    assert main(["train", "demo", "--out", str(tmp_path / "run"), *TINY, f"model.pretrained={weights}",
+                 f"data.cache_dir={tmp_path / 'cache'}"]) == 2
+    assert f"model.pretrained={weights}: {reason}" in error_line(capsys)

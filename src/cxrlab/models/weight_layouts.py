@@ -20,6 +20,7 @@ left over is refused in one line naming the first keys; a shape that cannot be a
 """
 from __future__ import annotations
 
+import pickle
 import re
 from pathlib import Path
 
@@ -64,9 +65,14 @@ def read_weights(path: Path, name: str) -> dict[str, torch.Tensor]:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - safetensors and torch.load raise their own error types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise CxrlabError(f"model.pretrained={path}: cannot load weights for {name!r} from it "
-                          f"({exc.__class__.__name__}: {first[:300]}); give a .safetensors file (or a plain "
-                          "tensor state dict) of this backbone") from exc
+        if "Weights only load failed" in first:  # torch's long advice to unpickle anyway: not ours to give
+            reason = "it holds objects other than tensors, which the weights-only loader refuses"
+        elif isinstance(exc, (KeyError, EOFError, pickle.UnpicklingError)):  # KeyError: 101 for a text file
+            reason = "not a PyTorch (torch.save) or safetensors file"
+        else:
+            reason = f"{exc.__class__.__name__}: {first[:300]}"
+        raise CxrlabError(f"model.pretrained={path}: cannot load weights for {name!r} from it ({reason}); give a "
+                          ".safetensors file (or a plain tensor state dict) of this backbone") from exc
     while isinstance(state, dict) and not any(torch.is_tensor(v) for v in state.values()):
         inner = next((state[k] for k in WRAPPERS if isinstance(state.get(k), dict)), None)
         if inner is None:
@@ -74,6 +80,10 @@ def read_weights(path: Path, name: str) -> dict[str, torch.Tensor]:
         state = inner
     if not isinstance(state, dict) or not any(torch.is_tensor(v) for v in state.values()):
         raise CxrlabError(f"model.pretrained={path}: holds no state dict of tensors for {name!r}")
+    odd = next((k for k in state if not isinstance(k, str)), None)
+    if odd is not None:
+        raise CxrlabError(f"model.pretrained={path}: not a state dict: its keys are not parameter names "
+                          f"(e.g. {odd!r})")
     return {k: v for k, v in state.items() if torch.is_tensor(v)}
 
 
