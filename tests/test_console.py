@@ -160,3 +160,31 @@ def test_recipe_description_is_the_first_sentence_of_its_comment():
 def test_did_you_mean_quotes_the_whole_key(tmp_path, capsys):
     assert main(["train", "demo", "--out", str(tmp_path / "r"), "train.epochz=1"]) == 2
     assert "did you mean 'train.epochs'?" in capsys.readouterr().err
+
+
+def test_evaluate_takes_eval_overrides(trained, tmp_path, capsys):
+    root, _ = trained
+    model, data = str(root / "run" / "best"), "synthetic:96,seed=5,size=32"
+    plain = tmp_path / "plain"
+    assert main(["evaluate", model, "--data", data, "--out", str(plain)]) == 0
+    base = json.loads((plain / "metrics.json").read_text())
+    assert "auc_ci" not in base["per_label"]["Effusion"] or base["per_label"]["Effusion"]["auc_ci"] is None
+    out = tmp_path / "strict"
+    assert main(["evaluate", model, "--data", data, "--out", str(out), "eval.bootstrap=50",
+                 "eval.min_positives=6", "eval.exclude_unreliable=true"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    per_label = metrics["per_label"]
+    # labels with an AUC (both classes present) and fewer than 6 positives
+    few = sorted(name for name, m in per_label.items() if m["auc"] is not None and m["n_positive"] < 6)
+    assert few and sorted(metrics["unreliable_labels"]) == few
+    kept = [m["auc"] for name, m in per_label.items() if name not in few and m["auc"] is not None]
+    assert len(kept) >= 2
+    assert metrics["macro_auc"] == pytest.approx(sum(kept) / len(kept))  # the flagged labels are left out
+    ci = per_label["Effusion"]["auc_ci"]
+    assert ci[0] <= per_label["Effusion"]["auc"] <= ci[1]
+    # only what evaluate can use, named in the error
+    for bad in ("eval.threshold=youden", "train.epochs=3", "eval.bootstrapp=10"):
+        assert main(["evaluate", model, "--data", data, "--out", str(tmp_path / "x"), "--overwrite", bad]) == 2
+        err = capsys.readouterr().err
+        assert "evaluate takes eval.bootstrap, eval.ci, eval.min_positives, eval.exclude_unreliable" in err
+    assert "did you mean 'eval.bootstrap'?" in err

@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="all", help="all | train | val | test (official split column)")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--overwrite", action="store_true", help="replace the contents of an existing --out folder")
+    p.add_argument("overrides", nargs="*", metavar="eval.KEY=VALUE",
+                   help="bootstrap, ci, min_positives, exclude_unreliable, level, study_aggregation; e.g. "
+                   "eval.bootstrap=1000 eval.exclude_unreliable=true")
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("predict", help="probabilities and thresholded labels for images or a folder")
@@ -216,7 +219,7 @@ def _evaluate(args) -> int:
     from ..workflows.evaluate import evaluate_checkpoint  # lazy: start-up time (torch), for every command
 
     report = evaluate_checkpoint(args.checkpoint, args.data, args.out, policy=args.policy, split=args.split,
-                                 overwrite=args.overwrite)
+                                 overwrite=args.overwrite, overrides=args.overrides)
     print(f"report: {report}")
     return 0
 
