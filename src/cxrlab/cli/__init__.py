@@ -230,8 +230,8 @@ def _predict(args) -> int:
     table = predict_files(args.checkpoint, args.inputs, args.out, batch_size=args.batch_size, overwrite=args.overwrite,
                           format=args.format, generate_uids=args.generate_uids)
     failed = table["error"].fillna("").astype(bool) if "error" in table else table["path"].isna()
-    what = {"csv": f"{len(table)} rows", "dicom-sr": f"{int((~failed).sum())} DICOM SR files",
-            "fhir": "a FHIR R4B Bundle"}.get(args.format, f"{len(table)} results")
+    what = {"csv": plural(len(table), "row"), "dicom-sr": plural(int((~failed).sum()), "DICOM SR file"),
+            "fhir": "a FHIR R4B Bundle"}.get(args.format, plural(len(table), "result"))
     print(f"wrote {what} to {args.out}: {int((~failed).sum())} predicted, {int(failed.sum())} "
           + ("unreadable (see its error column)" if args.format == "csv" else "unreadable (named above)"))
     return 1 if args.strict and failed.any() else 0

@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from ..config import ThresholdRule
+from ..workflows import plural
 
 
 def add_deploy_commands(sub) -> None:
@@ -65,7 +66,7 @@ def _export(args: argparse.Namespace) -> int:
     sidecar = export(args.checkpoint, args.out, check=args.check, tolerance=args.tolerance, overwrite=args.overwrite)
     parity = sidecar["parity"]
     print(f"wrote {args.out}, {args.out.name}.json and {args.out.name}.card.md: parity max |ORT - PyTorch| = {parity['max_abs_diff']:.2e} "
-          f"on {parity['n']} images (batch 1 and {parity['n']}; tolerance {parity['tolerance']:g})")
+          f"on {plural(parity['n'], 'image')} (batch 1 and {parity['n']}; tolerance {parity['tolerance']:g})")
     return 0
 
 
@@ -91,8 +92,9 @@ def _calibrate(args: argparse.Namespace) -> int:
 
     record = calibrate(args.checkpoint, args.data, args.out, temperature=args.temperature, method=args.method,
                        policy=args.policy, split=args.split, holdout=args.holdout)
-    print(f"wrote {args.out}: thresholds refitted for {len(record['labels_refitted'])} labels on {record['n']} "
-          f"images of {record['source']}" + (" (with per-label temperature)" if args.temperature else ""))
+    print(f"wrote {args.out}: thresholds refitted for {plural(len(record['labels_refitted']), 'label')} on "
+          f"{plural(record['n'], 'image')} of {record['source']}"
+          + (" (with per-label temperature)" if args.temperature else ""))
     for line in before_after_lines(record):
         print(line)
     return 0
