@@ -188,3 +188,22 @@ def test_evaluate_takes_eval_overrides(trained, tmp_path, capsys):
         err = capsys.readouterr().err
         assert "evaluate takes eval.bootstrap, eval.ci, eval.min_positives, eval.exclude_unreliable" in err
     assert "did you mean 'eval.bootstrap'?" in err
+
+
+def test_demo_predicts_on_test_images_and_says_so(tmp_path, capsys):
+    import pandas as pd
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), *TINY, "model.backbone=test_resnet"]) == 0
+    said = capsys.readouterr().out
+    assert "[3/4] predicting on 4 images of the run's test part (never trained or selected on)" in said
+    # the sample files name their row of the prepared data; those rows are the run's test images
+    index = pd.read_csv(next((out / "cache").rglob("index.csv")))
+    tested = set(pd.read_csv(out / "run" / "report" / "test_predictions.csv")["path"])
+    rows = [int(p.stem.split("_")[1]) for p in sorted((out / "samples").glob("test_*.png"))]
+    assert len(rows) == 4 and all(index["path"][row] in tested for row in rows)
+    table = pd.read_csv(out / "predictions.csv")
+    assert sorted(Path(p).name for p in table["path"]) == sorted(f"test_{row}.png" for row in rows)
+    for row in rows:  # each line shows the image's own labels (the findings first: these have one)
+        labels = [name for name in index.columns[5:] if index[name][row] == 1]
+        assert labels and f"test_{row}.png" in said and ", ".join(labels) in said
