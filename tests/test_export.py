@@ -132,12 +132,15 @@ def test_dynamic_batch_axis(exported):
     np.testing.assert_allclose(whole, one_by_one, atol=1e-6)
 
 
-def test_failed_parity_writes_nothing(tmp_path, fixtures):
-    from cxrlab.inference.export import export_onnx
+def test_failed_parity_writes_nothing(tmp_path, fixtures, monkeypatch):
+    import cxrlab.inference.export as export
 
     ckpt = tiny_checkpoint(tmp_path / "ckpt")
-    with pytest.raises(CxrlabError, match="parity check.*nothing was written"):
-        export_onnx(ckpt, tmp_path / "m.onnx", check=fixtures[:2], tolerance=-1.0)  # no difference is < 0
+    measured = export._parity
+    # the runtimes made to disagree by 1e-3 (a tolerance <= 0 is refused before any work)
+    monkeypatch.setattr(export, "_parity", lambda *a: {**measured(*a), "max_abs_diff": 1e-3})
+    with pytest.raises(CxrlabError, match="parity check.*1.00e-03.*nothing was written"):
+        export.export_onnx(ckpt, tmp_path / "m.onnx", check=fixtures[:2], tolerance=1e-4)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 

@@ -42,7 +42,7 @@ class EnsembleModel(nn.Module):
         if len(members) != len(weights) or len(members) != len(columns):
             raise CxrlabError("ensemble: members, weights and label columns differ in number")
         self.members = nn.ModuleList(members)
-        self.register_buffer("weights", torch.as_tensor(weights, dtype=torch.float32) / float(sum(weights)))
+        self.register_buffer("weights", torch.as_tensor(normalised_weights(weights), dtype=torch.float32))
         for k, cols in enumerate(columns):
             self.register_buffer(f"columns{k}", torch.as_tensor(cols, dtype=torch.long), persistent=False)
         self.eps = eps
@@ -55,6 +55,21 @@ class EnsembleModel(nn.Module):
                              for k, m in enumerate(self.members)], dim=1)  # B×K×L
         p = (probs * self.weights[None, :, None]).sum(1).clamp(self.eps, 1 - self.eps)
         return Output(torch.log(p) - torch.log1p(-p), {"member_probs": probs})
+
+
+def normalised_weights(weights) -> list[float]:
+    """Weights scaled to sum 1, refused unless each is a finite number > 0. Divided by the largest first,
+    so that large weights (1e308, 1e308) do not overflow their sum to inf and every weight to 0."""
+    values = [float(w) for w in weights]
+    if not values or any(not np.isfinite(w) or w <= 0 for w in values):
+        raise CxrlabError(f"ensemble: weights must be positive, finite numbers, got {values}")
+    largest = max(values)
+    scaled = [w / largest for w in values]
+    total = sum(scaled)  # in [1, len(values)]
+    result = [w / total for w in scaled]
+    if min(result) == 0.0:  # e.g. 1e-308 beside 1e308: that member would silently count for nothing
+        raise CxrlabError(f"ensemble: weights {values} differ too much: the smallest rounds to 0 beside the largest")
+    return result
 
 
 def load_ensemble(folder: Path, info: dict, load_member) -> EnsembleModel:

@@ -102,6 +102,28 @@ class ModelCard:
         return scaled_thresholds(base, self.temperature)
 
 
+def check_card_fits(card: ModelCard, card_file, model_file, outputs: int | None = None,
+                    input_size: int | None = None, labels=None) -> None:
+    """Refuse a card (``card_file``: checkpoint.json or the ONNX sidecar) that does not describe its model
+    (``model_file``): the model's output count, input size and label names (each where the model says;
+    None: it does not), so that no label is reported with its neighbour's probability. One line per
+    mismatch, naming both files."""
+    where = f"{card_file} does not match {model_file}"
+    if outputs is not None and int(outputs) != len(card.labels):
+        raise CxrlabError(f"{where}: the model has {int(outputs)} outputs but the card lists {len(card.labels)} "
+                          "labels; re-export the model, or restore the card written with it")
+    if input_size is not None and int(input_size) != card.input.size:
+        raise CxrlabError(f"{where}: the model takes {int(input_size)} px images but the card says "
+                          f"{card.input.size} px; re-export the model, or restore the card written with it")
+    if labels is not None and tuple(labels) != tuple(card.labels):
+        differ = next((i for i, (a, b) in enumerate(zip(labels, card.labels)) if a != b), min(len(labels),
+                                                                                           len(card.labels)))
+        model_name = labels[differ] if differ < len(labels) else "(none)"
+        card_name = card.labels[differ] if differ < len(card.labels) else "(none)"
+        raise CxrlabError(f"{where}: label {differ + 1} is {model_name!r} in the model but {card_name!r} in the "
+                          "card; re-export the model, or restore the card written with it")
+
+
 # ------------------------------------------------------------------------------------------- codec
 
 CARD_KEYS = ("labels", "thresholds", "threshold_source", "temperature", "input", "backbones", "head",

@@ -50,9 +50,16 @@ def _worker_init(parent: int) -> None:
     """In each forked decoding worker: die with the parent (a ``kill -9`` or OOM kill of ``prepare``
     must not leave orphans), and drop the inherited cache lock so only the parent holds it."""
     drop_inherited_locks()
+    die_with_parent(parent)
+
+
+def die_with_parent(parent: int) -> None:
+    """Called in a worker process: have the kernel kill it when ``parent`` dies (Linux:
+    ``PR_SET_PDEATHSIG``), and exit now if the parent is already gone. Elsewhere a no-op beyond that check
+    (the training loader's workers then fall back on torch's own check every few seconds)."""
     if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
+        import ctypes  # lazy: Linux only
+        import signal  # lazy: Linux only
 
         PR_SET_PDEATHSIG = 1
         with contextlib.suppress(OSError, AttributeError):

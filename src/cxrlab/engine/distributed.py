@@ -15,12 +15,15 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from ..data.workers import die_with_parent
 
 
 @dataclass(frozen=True)
@@ -175,8 +178,11 @@ class EpochLoader(DataLoader):
             self.generator.manual_seed((self.seed << 20) + epoch)
 
 
-def seed_worker(worker_id: int) -> None:
-    """Seed numpy and ``random`` in a loader worker from the per-worker torch seed."""
+def seed_worker(worker_id: int, parent: int | None = None) -> None:
+    """Seed numpy and ``random`` in a loader worker from the per-worker torch seed; with ``parent`` (the
+    loader's process) the worker dies with it, so a ``kill -9`` of training leaves no worker behind."""
+    if parent is not None:
+        die_with_parent(parent)
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
@@ -202,7 +208,7 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0,
     generator = torch.Generator()
     generator.manual_seed(seed << 20)
     return EpochLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                       drop_last=drop_last, pin_memory=torch.cuda.is_available(), worker_init_fn=seed_worker,
+                       drop_last=drop_last, pin_memory=torch.cuda.is_available(), worker_init_fn=partial(seed_worker, parent=os.getpid()),
                        generator=generator, persistent_workers=False, seed=seed)
 
 

@@ -9,7 +9,17 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from ..errors import CxrlabError
 from ..progress import Progress
+
+
+class NonFiniteOutput(CxrlabError):
+    """The model gave NaN or ±inf for an image it read: that row is an error, never a decision."""
+
+    def __init__(self, row: np.ndarray, label_names, image: int):
+        bad = [f"{name} = {value}" for name, value in zip(label_names, row) if not np.isfinite(value)]
+        super().__init__(f"the model output a non-finite probability for image {image + 1} ({', '.join(bad[:3])}"
+                         f"{', ...' if len(bad) > 3 else ''}); check the model's weights")
 
 
 def error_text(exc: BaseException) -> str:
@@ -41,6 +51,9 @@ def tolerant_batches(predictor, n: int, read, batch_size: int = 32, workers: int
             probs = np.full((len(items), len(predictor.label_names)), np.nan, dtype=np.float32)
             if ok.any():
                 probs[ok] = predictor.predict_fitted(fitted[ok], batch_size)
+            for k in np.flatnonzero(ok & ~np.isfinite(probs).all(axis=1)):  # a NaN is no decision, not a negative
+                failures[k] = NonFiniteOutput(probs[k], predictor.label_names, start + k)
+                probs[k] = np.nan
             yield start, fitted, probs, failures
     finally:
         if pool is not None:

@@ -20,6 +20,7 @@ so the figure is the one a user of either sees. The sidecar holds the checkpoint
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import warnings
@@ -32,6 +33,7 @@ from torch import nn
 
 from .. import __version__
 from ..checkpoint import INFO_FILE, MODEL_FILE, STATE_FILE, find_checkpoint, load_model, read_card
+from ..data.locking import pid_alive
 from ..data.preprocess import preprocess
 from ..data.sources import parse_source
 from ..data.sources.generic import collect_images
@@ -39,7 +41,7 @@ from ..errors import CxrlabError
 from ..model_card import InputSpec, card_to_json
 from ..serialization import sha256_file
 from .heatmaps import native_maps
-from .onnx_backend import INPUT_NAME, SIDECAR_FORMAT, SIDECAR_VERSION, sidecar_path
+from .onnx_backend import INPUT_NAME, LABELS_KEY, SIDECAR_FORMAT, SIDECAR_VERSION, sidecar_path
 
 TOLERANCE = 1e-4
 OPSET = 17
@@ -137,6 +139,7 @@ def export_onnx(checkpoint, out, check: list | None = None, tolerance: float = T
     import onnx
     import onnxruntime as ort
 
+    check_tolerance(tolerance)
     folder = find_checkpoint(Path(checkpoint))
     model, info = load_model(folder)
     model = model.float().eval()
@@ -150,6 +153,7 @@ def export_onnx(checkpoint, out, check: list | None = None, tolerance: float = T
     names = ["probabilities", "logits"] + (["maps"] if graph.has_maps else [])
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     dummy = torch.rand(2, 1, size, size, generator=torch.Generator().manual_seed(0))
     try:
@@ -159,11 +163,16 @@ def export_onnx(checkpoint, out, check: list | None = None, tolerance: float = T
             torch.onnx.export(graph, (dummy,), str(tmp), dynamo=False, opset_version=opset,
                               input_names=[INPUT_NAME], output_names=names,
                               dynamic_axes={n: {0: "batch"} for n in [INPUT_NAME] + names})
+        _label_metadata(onnx, tmp, card.labels)
         onnx.checker.check_model(str(tmp))
         images, image_names = check_images(check, card.input)
         parity = _parity(graph, tmp, images, names, tolerance)
         parity["images"] = image_names
-        if parity["max_abs_diff"] > tolerance:
+        if not np.isfinite(parity["max_abs_diff"]) or not np.isfinite(parity.get("maps_max_rel_diff", 0.0)):
+            raise CxrlabError(f"ONNX export of {folder} failed its parity check: the probabilities or maps are not "
+                              f"finite (difference {parity['max_abs_diff']}) on {len(images)} images; the checkpoint's "
+                              "weights may hold NaN or inf; nothing was written")
+        if not parity["max_abs_diff"] <= tolerance:
             raise CxrlabError(f"ONNX export of {folder} failed its parity check: ONNX Runtime and PyTorch "
                               f"probabilities differ by up to {parity['max_abs_diff']:.2e} (> {tolerance:g}) "
                               f"on {len(images)} images; nothing was written")
@@ -199,6 +208,37 @@ def export_onnx(checkpoint, out, check: list | None = None, tolerance: float = T
     side_tmp.write_text(json.dumps(sidecar, indent=1))
     os.replace(side_tmp, side)
     return sidecar
+
+
+def remove_stale_temporaries(out: Path) -> list[Path]:
+    """Remove the ``.NAME.tmp-PID`` files of ``out`` and its sidecar left by an export that was killed
+    (kill -9, OOM) before it could clean up: those whose process no longer runs on this machine."""
+    removed = []
+    for name in (out.name, sidecar_path(out).name):
+        for path in out.parent.glob(f".{glob.escape(name)}.tmp-*"):
+            pid = path.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
+
+
+def _label_metadata(onnx, path: Path, labels) -> None:
+    """The label names inside the graph's metadata, so a loader can check the sidecar against them."""
+    proto = onnx.load(str(path))
+    onnx.helper.set_model_props(proto, {LABELS_KEY: json.dumps(list(labels))})
+    onnx.save(proto, str(path))
+
+
+def check_tolerance(tolerance) -> float:
+    """The parity tolerance: a finite number > 0 (NaN would turn the check off: nothing compares > NaN)."""
+    try:
+        value = float(tolerance)
+    except (TypeError, ValueError):
+        raise CxrlabError(f"--tolerance {tolerance!r}: expected a number, e.g. 1e-4") from None
+    if not np.isfinite(value) or value <= 0:
+        raise CxrlabError(f"--tolerance {tolerance!r}: must be a finite number > 0, e.g. 1e-4")
+    return value
 
 
 def _backbones(model) -> list:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CxrlabError
-from ..model_card import ModelCard, card_from_json
+from ..model_card import ModelCard, card_from_json, check_card_fits
 from ..serialization import sha256_file
 from .overlay import normalise_maps, resize_maps
 
@@ -22,6 +22,7 @@ SIDECAR_FORMAT = "cxrlab-onnx"
 SIDECAR_VERSION = 2  # 2: the model card's fields; 1 (still read): thresholds scaled by the temperature
 INPUT_NAME = "image"
 REQUIRED_KEYS = ("labels", "model_sha256", "outputs")
+LABELS_KEY = "cxrlab.labels"  # the graph's metadata: its label names as JSON (exports since issue 25)
 
 
 def sidecar_path(onnx_path) -> Path:
@@ -81,11 +82,29 @@ class OnnxBackend:
             raise CxrlabError(f"ONNX model {self.path} is not a cxrlab export (inputs "
                               f"{[i.name for i in self.session.get_inputs()]}, outputs {outputs})")
         self.output_names = outputs
+        self._check_card()
         self.methods = ("native",) if "maps" in outputs else ()
         self.runtime = f"onnxruntime {ort.__version__}"
         self.identity = {"file": self.path.name, "format": "onnx", "sha256": self.meta["model_sha256"],
                          "weights_sha256": self.meta.get("weights_sha256"), "head": self.card.head,
                          "backbones": list(self.card.backbones), "cxrlab_version": self.card.versions.get("cxrlab")}
+
+    def _check_card(self) -> None:
+        """The sidecar's card against the graph: output count, input size, label names (where the graph
+        holds them); an edited or swapped sidecar must not shift labels onto other outputs."""
+        shape = {o.name: o.shape for o in self.session.get_outputs()}["probabilities"]
+        size = self.session.get_inputs()[0].shape[-1]
+        size = size if isinstance(size, int) else None
+        count = shape[-1] if shape and isinstance(shape[-1], int) else None
+        if count is None:  # a symbolic label axis: ask the graph itself
+            blank = np.zeros((1, size or self.card.input.size, size or self.card.input.size), np.uint8)
+            count = self.probabilities(blank).shape[-1]
+        meta = self.session.get_modelmeta().custom_metadata_map
+        try:
+            labels = json.loads(meta[LABELS_KEY]) if LABELS_KEY in meta else None
+        except json.JSONDecodeError:
+            raise CxrlabError(f"ONNX model {self.path}: its {LABELS_KEY} metadata is not JSON") from None
+        check_card_fits(self.card, sidecar_path(self.path), self.path, outputs=count, input_size=size, labels=labels)
 
     def outputs(self, fitted: np.ndarray) -> dict[str, np.ndarray]:
         """All outputs for uint8 images already at the input size (N×S×S)."""

@@ -12,7 +12,8 @@ from ..evaluation.paired import paired_significance, significance_markdown
 from ..evaluation.protocol import protocol_line
 from ..evaluation.tables import aggregate, write_comparison
 from ..serialization import to_jsonable, write_json
-from .experiment import check_parts, prepare_data, run
+from .experiment import check_parts, prepare_data, run, split_rows
+from .run_split import check_split, split_record
 from .tuning import make_search, parse_grid, summarize, tune_run
 
 
@@ -205,11 +206,22 @@ def _run_once(recipe: Recipe, run_dir: Path, **kwargs) -> dict:
     done = run_dir / "report" / "metrics.json"
     if done.is_file():
         _check_same_recipe(recipe, _read_json(run_dir / "report" / "config.json"), run_dir)
+        _check_same_split(recipe, run_dir, **kwargs)
         return _read_json(done)
     previous = latest(run_dir)
     if previous is not None:
         _check_same_recipe(recipe, read_info(previous).get("recipe"), run_dir)
+        _check_same_split(recipe, run_dir, **kwargs)
     return run(recipe, run_dir, resume=previous is not None, **kwargs).metrics
+
+
+def _check_same_split(recipe: Recipe, run_dir: Path, data=None, manifest=None, fold=None, **_) -> None:
+    """Refuse to reuse a run trained on other images (another R×K, folds file or data): the recipe can
+    be the same while the fold named r0f1 is not."""
+    if data is None:  # callers pass the prepared data; without it the run itself prepares and checks
+        return
+    parts = split_rows(recipe, data, manifest, fold)
+    check_split(run_dir, split_record(data.index["path"].to_numpy(), parts, manifest, fold, str(recipe.data.split)))
 
 
 def _read_json(path: Path) -> dict:

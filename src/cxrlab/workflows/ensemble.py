@@ -16,7 +16,7 @@ import numpy as np
 
 from .. import __version__
 from ..checkpoint import FORMAT, INFO_FILE, MODEL_FILE, STATE_FILE, VERSION, find_checkpoint, read_info
-from ..ensemble import KIND
+from ..ensemble import KIND, normalised_weights
 from ..errors import CxrlabError
 from ..labels import NO_FINDING
 from ..model_card import ModelCard, card_from_json, card_to_json
@@ -38,7 +38,8 @@ def build_ensemble(checkpoints: list, out: Path, weights: list[float] | None = N
     if len(weights) != len(checkpoints):
         raise CxrlabError(f"ensemble: {len(weights)} weights for {len(checkpoints)} checkpoints")
     if any(not np.isfinite(w) or w <= 0 for w in weights):
-        raise CxrlabError(f"ensemble: weights must be positive, got {weights}")
+        raise CxrlabError(f"ensemble: weights must be positive, finite numbers, got {weights}")
+    weights = normalised_weights(weights)
     folders = [find_checkpoint(Path(c)) for c in checkpoints]
     infos = [read_info(f) for f in folders]
     for folder, info in zip(folders, infos):

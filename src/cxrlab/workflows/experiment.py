@@ -34,6 +34,7 @@ from ..models.parts import freeze, freeze_names, init_from_spec, load_parts
 from ..models.text import attach_label_text, check_label_text
 from ..registry import HEADS, LOSSES, REGIMES
 from .run_header import run_header, say_header
+from .run_split import check_split, split_record, write_split
 
 
 @dataclass
@@ -173,6 +174,12 @@ def run(recipe: Recipe, out_dir: Path, resume: bool = False, data: PreparedData 
         if len(rows) == 0:
             raise CxrlabError(f"the {name} part of the split is empty ({recipe.data.split} split of "
                               f"{len(data.index)} images); adjust data.val_fraction / data.test_fraction")
+    # the images of each part, recorded so that cv/compare reuse this run only on the same split
+    record = split_record(data.index["path"].to_numpy(), parts, manifest, fold, str(recipe.data.split))
+    if resume:
+        check_split(out_dir, record, required=False)  # a run from before the record resumes as it did
+    if dist.is_main():
+        write_split(out_dir, record)
     model, objective, regime = build_parts(recipe, data, parts["train"], fold)
 
     def dataset(rows, train: bool):
