@@ -17,6 +17,7 @@ from cxrlab.losses.dwml import DWML, category_weights
 from cxrlab.models.heads.prototype import PrototypeHead
 from cxrlab.models.text import cosine_matrix, encode_labels, get_encoder
 from cxrlab.output import Output
+from fakes import no_plots as _no_plots
 
 C, D = 3, 10
 
@@ -618,12 +619,6 @@ def test_focal_entry_weights_by_hand():
 NEW_DWML_RECIPES = ["dwml_synthetic_rank", "dwml_synthetic_euclid", "dwml_synthetic_frozen_text",
                     "dwml_synthetic_faithful"]
 
-
-def _no_plots(folder, *args, **kwargs):
-    """Stands in for the report writer: its plots take most of a tiny run's time and are not tested here."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "report.md").write_text("report\n")
-    return folder / "report.md"
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from cxrlab.cli import main
+from fakes import no_plots as _no_plots, one_error_line
 
 TINY = ["data.source=synthetic:160", "data.image_size=32", "train.epochs=1", "train.batch_size=32",
         "eval.bootstrap=0", "data.val_fraction=0.2", "data.test_fraction=0.25", "model.backbone=test_resnet"]
@@ -29,19 +30,6 @@ def sha(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def one_error_line(err: str) -> str:
-    """The stderr of a failed command: exactly one ``cxrlab: error: ...`` line, no traceback."""
-    assert "Traceback" not in err, err
-    errors = [line for line in err.strip().splitlines() if line.startswith("cxrlab: error: ")]
-    assert len(errors) == 1, err
-    return errors[0]
-
-
-def _no_plots(folder, *args, **kwargs):
-    """Stands in for the report writer: its plots are slow and not what these tests are about."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "report.md").write_text("report\n")
-    return folder / "report.md"
 
 
 @pytest.fixture(scope="module")
