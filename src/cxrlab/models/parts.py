@@ -93,14 +93,10 @@ def load_parts(model: nn.Module, tensors: dict[str, torch.Tensor], parts: Iterab
     missing = [k for k in wanted if k not in offered]
     unexpected = [k for k in offered if k not in own]
     if missing or unexpected:
-        detail = []
-        if missing:
-            detail.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            detail.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        detail = key_mismatch(missing, unexpected, "e.g.")
         scope = "all weights" if parts is None else f"parts {', '.join(parts)}"
         raise CxrlabError(f"model.init_from {where}: its weights do not fit this model ({scope}): "
-                          f"{'; '.join(detail)}; load fewer parts with init_from: {{path: ..., parts: [backbone]}}")
+                          f"{detail}; load fewer parts with init_from: {{path: ..., parts: [backbone]}}")
     for k in wanted:
         if tuple(offered[k].shape) != tuple(own[k].shape):
             raise CxrlabError(f"model.init_from {where}: {k} has shape {tuple(offered[k].shape)} in the file but "
@@ -125,3 +121,14 @@ def init_from_spec(value) -> tuple[str, list[str] | None] | None:
             raise CxrlabError(f"model.init_from needs a 'path' (a checkpoint folder), got {value!r}")
         return value["path"], freeze_names(value.get("parts"), "model.init_from parts") or None
     raise CxrlabError(f"model.init_from must be a checkpoint folder or {{path, parts}}, got {value!r}")
+
+
+def key_mismatch(missing: list[str], unexpected: list[str], lead: str = "first:") -> str:
+    """``"12 missing (first: a, b, c); 1 unexpected (first: x)"``: how a state dict and a model disagree,
+    in one line."""
+    detail = []
+    if missing:
+        detail.append(f"{len(missing)} missing ({lead} {', '.join(missing[:3])})")
+    if unexpected:
+        detail.append(f"{len(unexpected)} unexpected ({lead} {', '.join(unexpected[:3])})")
+    return "; ".join(detail)

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import CxrlabError
+from .parts import key_mismatch
 
 LAYOUTS = ("timm", "hf_dinov2", "open_clip")
 WRAPPERS = ("state_dict", "model", "module", "model_state", "teacher")  # {"model": state_dict} and the like
@@ -143,12 +144,7 @@ def fit_to(net: nn.Module, state: dict, where: str) -> dict:
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:
-        detail = []
-        if missing:
-            detail.append(f"{len(missing)} missing (first: {', '.join(missing[:3])})")
-        if unexpected:
-            detail.append(f"{len(unexpected)} unexpected (first: {', '.join(unexpected[:3])})")
-        raise CxrlabError(f"{where}: {'; '.join(detail)}")
+        raise CxrlabError(f"{where}: {key_mismatch(missing, unexpected)}")
     for key, target in own.items():
         value = state[key]
         if key.endswith("pos_embed") and value.ndim == 3 and value.shape != target.shape:
