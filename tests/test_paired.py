@@ -234,3 +234,41 @@ def test_default_follows_the_fold_mean_where_pooling_disagrees_in_sign(tmp_path)
     assert "pooled into one set" in significance_markdown(pooled)
     with pytest.raises(CxrlabError, match="pooled"):
         paired_significance(run_dirs, "ref", targets, mask, paired="pool")
+
+
+def test_a_label_with_one_positive_is_left_out_of_both_tests(tmp_path):
+    """Label "a" is ranked identically by both runs; label "b" has ONE positive per fold, which the recipe
+    puts on top and the reference at the bottom (ΔAUC = +1 there). Before the shared label rule the
+    bootstrap kept that +0.5 macro gain in every resample (CI [+0.5, +0.5], p 0.01, its floor at 200
+    resamples) while DeLong, which cannot test one positive, left the label out (Δ 0, p 1): two tests of
+    two numbers. Now both test label "a" only."""
+    rng = np.random.default_rng(0)
+    runs, refs, paths, ys = [], [], [], []
+    for k in range(3):
+        y = np.zeros((200, 2))
+        y[:, 0] = rng.random(200) < 0.3
+        y[5, 1] = 1.0
+        a_score = np.clip(0.4 * y[:, 0] + 0.6 * rng.random(200), 0, 1)
+        new, ref = np.c_[a_score, np.full(200, 0.5)], np.c_[a_score, np.full(200, 0.5)]
+        new[5, 1], ref[5, 1] = 0.9, 0.1
+        p = [f"/img/{k}_{i}.png" for i in range(200)]
+        runs.append(_write_run(tmp_path / "new" / f"r0f{k}", p, new))
+        refs.append(_write_run(tmp_path / "ref" / f"r0f{k}", p, ref))
+        paths += p
+        ys.append(y)
+    y = np.concatenate(ys)
+    targets = pd.DataFrame(y, index=paths, columns=NAMES)
+    mask = pd.DataFrame(np.ones_like(y), index=paths, columns=NAMES)
+    res = paired_significance({"ref": refs, "new": runs}, "ref", targets, mask, resamples=200)
+    auc = res["recipes"]["new"]["macro_auc"]
+    assert auc["difference"] == 0.0 and auc["p_bootstrap"] == 1.0 and auc["p_delong"] == 1.0
+    # what a table of per-fold macro AUCs over every label shows: (0 + 1) / 2 = +0.5
+    assert auc["difference_all_labels"] == pytest.approx(0.5)
+    assert res["recipes"]["new"]["left_out"] == [{"fold": k, "label": "b", "positives": 1, "negatives": 199}
+                                                 for k in range(3)]
+    md = significance_markdown(res)
+    assert "Left out: b in 3 folds (1+/199−, 1+/199−, 1+/199−)" in md and "`new` +0.5000" in md
+    # the pooled test follows the same rule: 3 positives pooled pass it
+    pooled = paired_significance({"ref": refs, "new": runs}, "ref", targets, mask, resamples=200, paired="pooled")
+    assert pooled["recipes"]["new"]["left_out"] == {}
+    assert pooled["recipes"]["new"]["macro_auc"]["difference"] > 0.4

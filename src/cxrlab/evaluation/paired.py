@@ -114,10 +114,12 @@ def paired_significance(run_dirs: dict, reference: str, targets: pd.DataFrame, m
                     "p_bootstrap": boot["map"]["p"], "recipe": boot["map"]["a"], "reference": boot["map"]["b"]},
             "runs": len(runs), "rows": int(boot["n_rows"]), "images": int(boot["n_clusters"]),
             "delong_labels": delong["labels"],  # two positives and two negatives (in some fold)
+            "left_out": boot["left_out"],  # labels both tests leave out, with their counts
         }
         if paired == "folds":
-            out[recipe]["macro_auc"]["per_fold"] = boot["macro_auc"]["per_fold"]
-            out[recipe]["map"]["per_fold"] = boot["map"]["per_fold"]
+            for key in ("macro_auc", "map"):
+                out[recipe][key]["per_fold"] = boot[key]["per_fold"]
+                out[recipe][key]["difference_all_labels"] = boot[key]["difference_all_labels"]
     return {"reference": reference, "paired": paired, "resamples": int(resamples), "ci": float(ci),
             "seed": int(seed), "recipes": out}
 
@@ -148,6 +150,7 @@ def significance_markdown(result: dict) -> str:
                 for k, v in (("auc", auc), ("ap", ap))}
         lines.append(f"| {recipe} | {r['runs']} | {r['images']} | {cell['auc']} | {_p(auc['p_delong'])} "
                      f"| {_p(auc['p_bootstrap'])} | {cell['ap']} | {_p(ap['p_bootstrap'])} |")
+    lines += _left_out_lines(result)
     lines += [f"\nNot paired with `{ref}`: `{recipe}` ({reason})." for recipe, reason in skipped.items()]
     return "\n".join(lines) + "\n"
 
@@ -166,3 +169,28 @@ def _method_lines(result: dict, ref: str, level: int) -> list[str]:
             f"of per-fold values in the table above: pooling mixes different models' score scales. {level} % CIs "
             f"and p-values from {result['resamples']} paired bootstrap resamples of images (an image tested in "
             "several runs is resampled whole), and DeLong's test for the macro AUC with the same clustering."]
+
+
+def _left_out_lines(result: dict) -> list[str]:
+    """Which labels the tests left out (the same for every recipe: it depends on the labels only) and,
+    in folds mode, the Δ over every label that the comparison table's means give."""
+    paired = [r for r in result["recipes"].values() if "skipped" not in r]
+    if not paired or not paired[0]["left_out"]:
+        return []
+    left = paired[0]["left_out"]
+    if result.get("paired", "pooled") == "folds":
+        by_label: dict[str, list[str]] = {}
+        for entry in left:
+            by_label.setdefault(entry["label"], []).append(f"{entry['positives']}+/{entry['negatives']}−")
+        where = "; ".join(f"{name} in {len(v)} fold{'s' if len(v) > 1 else ''} ({', '.join(v)})"
+                          for name, v in by_label.items())
+    else:
+        where = "; ".join(f"{name} ({c['positives']}+/{c['negatives']}−)" for name, c in left.items())
+    lines = ["", f"Both tests score the labels with at least 2 positives and 2 negatives among the tested images "
+             f"(in each fold): DeLong's variance needs them, and one positive cannot be resampled honestly "
+             f"(its AUC difference would pass for certain). Left out: {where}."]
+    if result.get("paired", "pooled") == "folds":
+        cells = ", ".join(f"`{recipe}` {_signed(r['macro_auc']['difference_all_labels'])}"
+                          for recipe, r in result["recipes"].items() if "skipped" not in r)
+        lines.append(f"Over every label with both classes in a fold (the table's means), Δ macro AUC is: {cells}.")
+    return lines

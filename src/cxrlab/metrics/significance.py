@@ -8,6 +8,12 @@
   both predictors (Efron & Tibshirani 1993, ch. 16), with a percentile CI and the two-sided p-value
   that matches it.
 
+Both test the same labels: those with at least ``MIN_CLASS`` (2) known positives and 2 known negatives
+among the scored rows (per fold in ``fold_paired_test``). DeLong's variance needs two of each, and a
+label with one positive cannot be resampled honestly either: nearly every resample keeps or repeats that
+one positive, so its AUC difference (often the largest of all, e.g. 0.31 vs 0.45) would pass for
+certain. Labels left out are returned under ``left_out`` with their counts.
+
 Both take an optional ``clusters`` (one id per row): rows of one cluster, e.g. the same image scored by
 several runs, are resampled together and their influence is summed before squaring, so repeated
 images do not pass for independent evidence. With one row per cluster both are the textbook methods.
@@ -54,6 +60,29 @@ def _inputs(probs_a, probs_b, targets, mask, label_names, clusters):
             raise CxrlabError(f"clusters must hold one id per row ({a.shape[0]}); got shape {clusters.shape}")
         codes = np.unique(clusters.astype(str), return_inverse=True)[1]
     return a, b, t > 0.5, known, _names(label_names, a.shape[1]), codes
+
+
+MIN_CLASS = 2  # known positives and known negatives a label needs to be tested (DeLong's variance)
+
+
+def _testable(positive: np.ndarray, known: np.ndarray) -> np.ndarray:
+    """Indices of the labels both tests score: at least MIN_CLASS known positives and negatives."""
+    pos, neg = (positive & known).sum(0), (~positive & known).sum(0)
+    return np.flatnonzero((pos >= MIN_CLASS) & (neg >= MIN_CLASS))
+
+
+def _left_out(positive: np.ndarray, known: np.ndarray, names, tested: np.ndarray) -> dict:
+    """name → {positives, negatives} of the labels not tested."""
+    return {names[j]: {"positives": int((positive[:, j] & known[:, j]).sum()),
+                       "negatives": int((~positive[:, j] & known[:, j]).sum())}
+            for j in range(len(names)) if j not in set(tested.tolist())}
+
+
+def _plans(p: np.ndarray, positive: np.ndarray, known: np.ndarray, labels) -> tuple[list, list]:
+    """AUC and AP plans of predictor ``p`` for the given label indices, over each label's known rows."""
+    cols = {j: np.flatnonzero(known[:, j]) for j in labels}
+    return ([_AucPlan(p[cols[j], j], positive[cols[j], j], cols[j]) for j in labels],
+            [_ApPlan(p[cols[j], j], positive[cols[j], j], cols[j]) for j in labels])
 
 
 def _p_normal(z: float) -> float:
@@ -169,19 +198,16 @@ def paired_bootstrap(probs_a, probs_b, targets, mask=None, label_names=None, clu
 
     p = 2·min(share of resampled differences ≤ 0, share ≥ 0), with one added to count and total so it
     is never 0, capped at 1: it is below 1 − ``ci`` exactly when the CI excludes 0. Identical predictors
-    give difference 0 in every resample and p = 1. Per resample, the macro averages skip labels without
-    both classes in it (for both predictors alike).
+    give difference 0 in every resample and p = 1. The macro averages cover the testable labels (see the
+    module docstring); a label whose resample lacks a class keeps its full-set value.
     """
     a, b, positive, known, names, codes = _inputs(probs_a, probs_b, targets, mask, label_names, clusters)
     if int(resamples) < 1:
         raise CxrlabError(f"resamples must be >= 1; got {resamples}")
     if not 0 < ci < 1:
         raise CxrlabError(f"ci must be between 0 and 1 (e.g. 0.95); got {ci}")
-    plans = {}
-    for name, p in (("a", a), ("b", b)):
-        cols = [np.flatnonzero(known[:, j]) for j in range(len(names))]
-        plans[name] = ([_AucPlan(p[r, j], positive[r, j], r) for j, r in enumerate(cols)],
-                       [_ApPlan(p[r, j], positive[r, j], r) for j, r in enumerate(cols)])
+    tested = _testable(positive, known)
+    plans = {name: _plans(p, positive, known, tested) for name, p in (("a", a), ("b", b))}
     ones = np.ones((1, a.shape[0]), dtype=np.int32)
     full = {name: (_score(auc, ones, "auc")[0], _score(ap, ones, "ap")[0]) for name, (auc, ap) in plans.items()}
     observed = {name: (_nanmean(auc), _nanmean(ap)) for name, (auc, ap) in full.items()}
@@ -201,7 +227,8 @@ def paired_bootstrap(probs_a, probs_b, targets, mask=None, label_names=None, clu
             diffs[start:start + size, m] = (_fixed_macro(plans["a"][m], counts, key, full["a"][m])
                                             - _fixed_macro(plans["b"][m], counts, key, full["b"][m]))
     out = {"resamples": int(resamples), "ci": float(ci), "seed": int(seed), "n_rows": int(a.shape[0]),
-           "n_clusters": n_clusters}
+           "n_clusters": n_clusters, "labels": [names[j] for j in tested],
+           "left_out": _left_out(positive, known, names, tested)}
     for m, key in enumerate(("macro_auc", "map")):
         out[key] = _summary(observed["a"][m], observed["b"][m], diffs[:, m], ci)
     return out
@@ -244,6 +271,10 @@ def fold_paired_test(blocks, label_names=None, resamples: int = 1000, ci: float 
       in several folds is redrawn within the first fold that tests it and that draw serves every fold,
       so seeds on one test set share one draw. Per fold, a label whose resample lacks a class keeps its
       full-fold value (fixed label set); Δ̄ of the resample is the mean of its per-fold differences.
+
+    Both score, per fold, the testable labels (module docstring), so the bootstrap's observed Δ̄ and
+    DeLong's are the same number. ``difference_all_labels`` is Δ̄ over every label with both classes in
+    a fold (what a table of per-fold macro AUCs shows); ``left_out`` lists the labels not tested per fold.
     """
     if not blocks:
         raise CxrlabError("fold_paired_test needs at least one fold")
@@ -268,21 +299,28 @@ def fold_paired_test(blocks, label_names=None, resamples: int = 1000, ci: float 
         first[codes[k]] = k
     strata = [np.flatnonzero(first == k) for k in range(len(codes)) if (first == k).any()]
 
-    plans, full, delong_influence, delong_diffs, delong_labels = [], [], np.zeros(n_images), [], set()
-    for (a, b, positive, known), c in zip(folds, codes):
-        cols = [np.flatnonzero(known[:, j]) for j in range(a.shape[1])]
-        fold_plans = {x: ([_AucPlan(p[r, j], positive[r, j], r) for j, r in enumerate(cols)],
-                          [_ApPlan(p[r, j], positive[r, j], r) for j, r in enumerate(cols)]) for x, p in (("a", a), ("b", b))}
+    plans, full, all_labels, left_out = [], [], [], []
+    delong_influence, delong_diffs, delong_labels = np.zeros(n_images), [], set()
+    for k, ((a, b, positive, known), c) in enumerate(zip(folds, codes)):
+        tested = _testable(positive, known)
+        fold_plans = {x: _plans(p, positive, known, tested) for x, p in (("a", a), ("b", b))}
         ones = np.ones((1, a.shape[0]), dtype=np.int32)
         plans.append(fold_plans)
         full.append({x: (_score(auc, ones, "auc")[0], _score(ap, ones, "ap")[0])
                      for x, (auc, ap) in fold_plans.items()})
+        # the table's number: every label with both classes in the fold, tested or not
+        every = {x: [_score(plan, ones, key)[0] for plan, key in zip(_plans(p, positive, known, range(len(names))),
+                                                                     ("auc", "ap"))] for x, p in (("a", a), ("b", b))}
+        all_labels.append([_nanmean(every["a"][m]) - _nanmean(every["b"][m]) for m in range(2)])
+        left_out += [{"fold": k, "label": name, **counts}
+                     for name, counts in _left_out(positive, known, names, tested).items()]
         per_label, influence, usable = _delong_parts(a, b, positive, known, names)
         if usable:
             delong_diffs.append(float(np.mean([per_label[names[j]]["difference"] for j in usable])))
             delong_labels.update(names[j] for j in usable)
             np.add.at(delong_influence, c, influence[:, usable].mean(1))
-    observed = [[float(np.mean([_nanmean(f[x][m]) for f in full])) for x in ("a", "b")] for m in range(2)]
+    # folds without a testable label (tiny folds) drop out of the mean, as they do from DeLong's
+    observed = [[_nanmean(np.array([_nanmean(f[x][m]) for f in full])) for x in ("a", "b")] for m in range(2)]
 
     rng = np.random.default_rng(seed)
     diffs = np.empty((int(resamples), 2))
@@ -296,12 +334,13 @@ def fold_paired_test(blocks, label_names=None, resamples: int = 1000, ci: float 
         for m, key in enumerate(("auc", "ap")):
             per_fold = [_fixed_macro(p["a"][m], counts[:, c], key, f["a"][m])
                         - _fixed_macro(p["b"][m], counts[:, c], key, f["b"][m]) for p, f, c in zip(plans, full, codes)]
-            diffs[start:start + size, m] = np.mean(per_fold, axis=0)
+            diffs[start:start + size, m] = _row_nanmean(np.stack(per_fold, axis=1))
     out = {"resamples": int(resamples), "ci": float(ci), "seed": int(seed), "folds": len(blocks),
-           "n_rows": int(bounds[-1]), "n_clusters": n_images}
+           "n_rows": int(bounds[-1]), "n_clusters": n_images, "left_out": left_out}
     for m, key in enumerate(("macro_auc", "map")):
         out[key] = _summary(observed[m][0], observed[m][1], diffs[:, m], ci)
         out[key]["per_fold"] = [float(_nanmean(f["a"][m]) - _nanmean(f["b"][m])) for f in full]
+        out[key]["difference_all_labels"] = float(np.mean([d[m] for d in all_labels]))
     se = float(math.sqrt((delong_influence ** 2).sum())) / max(len(delong_diffs), 1)
     difference = float(np.mean(delong_diffs)) if delong_diffs else float("nan")
     test = _z_and_p(difference, se) if delong_diffs else {"z": float("nan"), "p": float("nan")}
