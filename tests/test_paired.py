@@ -267,7 +267,7 @@ def test_a_label_with_one_positive_is_left_out_of_both_tests(tmp_path):
     assert res["recipes"]["new"]["left_out"] == [{"fold": k, "label": "b", "positives": 1, "negatives": 199}
                                                  for k in range(3)]
     md = significance_markdown(res)
-    assert "Left out: b in 3 folds (1+/199−, 1+/199−, 1+/199−)" in md and "`new` +0.5000" in md
+    assert "Left out: b in 3 of 3 runs (1+/199−, 1+/199−, 1+/199−)" in md and "`new` +0.5000" in md
     # the pooled test follows the same rule: 3 positives pooled pass it
     pooled = paired_significance({"ref": refs, "new": runs}, "ref", targets, mask, resamples=200, paired="pooled")
     assert pooled["recipes"]["new"]["left_out"] == {}

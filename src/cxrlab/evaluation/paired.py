@@ -182,12 +182,12 @@ def _left_out_lines(result: dict) -> list[str]:
         by_label: dict[str, list[str]] = {}
         for entry in left:
             by_label.setdefault(entry["label"], []).append(f"{entry['positives']}+/{entry['negatives']}−")
-        where = "; ".join(f"{name} in {len(v)} fold{'s' if len(v) > 1 else ''} ({', '.join(v)})"
-                          for name, v in by_label.items())
+        runs = paired[0]["runs"]
+        where = "; ".join(f"{name} in {len(v)} of {runs} runs ({', '.join(v)})" for name, v in by_label.items())
     else:
         where = "; ".join(f"{name} ({c['positives']}+/{c['negatives']}−)" for name, c in left.items())
     lines = ["", f"Both tests score the labels with at least 2 positives and 2 negatives among the tested images "
-             f"(in each fold): DeLong's variance needs them, and one positive cannot be resampled honestly "
+             f"(in each fold or seed): DeLong's variance needs them, and one positive cannot be resampled honestly "
              f"(its AUC difference would pass for certain). Left out: {where}."]
     if result.get("paired", "pooled") == "folds":
         cells = ", ".join(f"`{recipe}` {_signed(r['macro_auc']['difference_all_labels'])}"
