@@ -162,3 +162,28 @@ def test_several_files_each_opens_on_its_own_top_label(browser, page_url, shared
         items[0].click()
         _wait(browser, lambda d: _image_loaded(d, "image") and _image_loaded(d, "heatmap"))
         browser.save_screenshot(shot)
+
+
+def test_flat_heatmap_is_flagged(browser, tmp_path, shared_data):
+    """A label whose map is one colour (a linear head's CAM that ReLU zeroes everywhere) gets a visible
+    note under the heatmap; a label with a varying map does not."""
+    from selenium.webdriver.common.by import By
+    from test_heatmap_flat import _zero_and_varying_labels
+
+    from cxrlab.inference.server import create_app
+
+    image = shared_data / "nih" / "00000001_000.png"
+    checkpoint = tiny_checkpoint(tmp_path / "ckpt", "linear")
+    flat_label, varying_label = _zero_and_varying_labels(checkpoint, image)
+    with running(create_app(checkpoint, workers=1)) as url:
+        browser.get(url)
+        _wait(browser, lambda d: "labels" in d.find_element(By.ID, "model").text)
+        browser.find_element(By.ID, "file").send_keys(str(image))
+        _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#labels tbody tr"))
+        for label, flat in ((flat_label, True), (varying_label, False), (flat_label, True)):
+            browser.find_element(By.CSS_SELECTOR, f'#labels tbody tr[data-label="{label}"]').click()
+            _wait(browser, lambda d: d.find_element(By.ID, "heatmap-caption").text.startswith(label + ": p = "))
+            note = browser.find_element(By.ID, "flat")
+            assert note.is_displayed() == flat
+            if flat:
+                assert note.text.startswith(f"flat map: this model gives no spatial evidence for {label}")

@@ -43,7 +43,7 @@ from ..model_card import InputSpec
 from .api_reference import api_reference_html
 from .batch import predict_tolerant
 from .interop import outputs as interop
-from .overlay import overlay_png, png_bytes, resize_maps
+from .overlay import is_flat, map_range, overlay_png, png_bytes, resize_maps
 from .predictor import Predictor
 from .provenance import provenance
 from .security import Guard, allowed_hosts, check_can_listen, check_serve_options, is_loopback
@@ -203,13 +203,15 @@ def create_app(model_path, workers: int = 2, queue: int = 8, timeout: float = 30
         picture, (h, w) = decode_upload_shaped(data, name, spec, max_pixels, tmp_root)
         return picture, content_box(h, w, size, spec.resize)
 
-    def heatmap_job(name: str, data: bytes, label: int, method: str, size: int | None) -> tuple[float, bytes]:
+    def heatmap_job(name: str, data: bytes, label: int, method: str, size: int | None):
         fitted = decode(data, name)
         probs, heat = backend.heatmaps(fitted, [label], method)
         picture, box = display(data, name, size or backend.image_size)
         if picture.shape != heat[0].shape:
             heat = resize_maps(heat, picture.shape)
-        return float(probs[label]), overlay_png(picture, heat[0], box=box)
+        # (probability, PNG, the map's range inside the image, whether that leaves it flat)
+        return (float(probs[label]), overlay_png(picture, heat[0], box=box), map_range(heat[0], box),
+                is_flat(heat[0], box))
 
     def preview_job(name: str, data: bytes, size: int) -> bytes:
         if delay:
@@ -280,7 +282,11 @@ def create_app(model_path, workers: int = 2, queue: int = 8, timeout: float = 30
                           "padding of a non-square image is left uncoloured.",
               response_class=Response, responses={200: {"content": {"image/png": {}},
                                                         "description": "the overlay (headers X-Label, "
-                                                        "X-Probability, X-Method)"}, **UPLOAD_ERRORS})
+                                                        "X-Probability, X-Method; X-Map-Range: the map's max "
+                                                        "- min on its [0, 1] scale inside the image, and "
+                                                        "X-Flat-Map: true when that is below 1/256, i.e. the "
+                                                        "map is one colour and shows no spatial evidence)"},
+                                                   **UPLOAD_ERRORS})
     async def heatmap(file: UploadFile = File(..., description="one PNG, JPEG or DICOM image"),
                       label: str = Form(..., description="one of the model's labels (see /labels)"),
                       method: str = Form("native", description="native | gradcam | gradcampp"),
@@ -295,9 +301,10 @@ def create_app(model_path, workers: int = 2, queue: int = 8, timeout: float = 30
                                     f"({backend.runtime}; available: {available})")
         size = display_size(size)
         (name, data), = await read([file], "file")
-        probability, png = await pool.run(heatmap_job, name, data, j, method, size)
+        probability, png, spread, flat = await pool.run(heatmap_job, name, data, j, method, size)
         return Response(png, media_type="image/png",
-                        headers={"X-Label": label, "X-Probability": f"{probability:.6f}", "X-Method": method})
+                        headers={"X-Label": label, "X-Probability": f"{probability:.6f}", "X-Method": method,
+                                 "X-Map-Range": f"{spread:.6f}", "X-Flat-Map": "true" if flat else "false"})
 
     @app.post("/preview", summary="PNG of the image itself through the model's preprocessing, at a readable size",
               description="The same decoding (DICOM windowing, 16-bit scaling), orientation and letterbox as "

@@ -140,6 +140,7 @@ async function picture(endpoint, fields, token) {
 
 async function showHeatmap(label) {
   selected = label;
+  $("flat").hidden = true;  // the note belongs to the map it was measured on
   for (const row of document.querySelectorAll("#labels tbody tr")) {
     row.classList.toggle("selected", row.dataset.label === label);
   }
@@ -156,6 +157,11 @@ async function showHeatmap(label) {
   $("heatmap").src = URL.createObjectURL(blob);
   const p = Number(response.headers.get("X-Probability"));
   $("heatmap-caption").textContent = `${label}: p = ${p.toFixed(3)} (${response.headers.get("X-Method")})`;
+  // the server measures the map: one colour everywhere means no spatial evidence, not "evenly spread"
+  const flat = response.headers.get("X-Flat-Map") === "true";
+  $("flat").textContent = flat ? `flat map: this model gives no spatial evidence for ${label}` +
+    ` (${response.headers.get("X-Method")} map is uniform over the image)` : "";
+  $("flat").hidden = !flat;
   $("heatmap").dataset.label = label;
 }
 
