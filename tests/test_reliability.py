@@ -480,7 +480,6 @@ def test_pickled_or_corrupt_pretrained_file(trained, tmp_path, capsys, monkeypat
 
 
 def test_local_recipes_folder_replacing_a_builtin_says_so(tmp_path, monkeypatch, capsys):
-
     monkeypatch.chdir(tmp_path)
     (tmp_path / "recipes").mkdir()
     (tmp_path / "recipes" / "demo.yaml").write_text("train: {epochs: 2}\n")
