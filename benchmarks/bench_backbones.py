@@ -18,41 +18,13 @@ from __future__ import annotations
 import argparse
 import statistics
 
-import numpy as np
 import torch
+from bench_heads import NUM_LABELS, Step  # one training step: model, objective, AdamW
 from timing import add_timing_args, interleaved_ms_per_step
 
-NUM_LABELS = 14
 REFERENCE = "resnet18"
 DEFAULT_BACKBONES = ("resnet18,resnet10t,resnet14t,mobilenetv3_small_100,mobilenetv3_large_100,"
                      "efficientnet_b0,regnetx_002")
-
-
-class Step:
-    def __init__(self, backbone: str, device: torch.device, batches: list[dict]):
-        from cxrlab.losses.base import LossContext, Objective
-        from cxrlab.models import build_model
-
-        torch.manual_seed(0)
-        labels = tuple(f"label_{i}" for i in range(NUM_LABELS))
-        target = torch.cat([b["target"] for b in batches]).cpu().numpy()
-        ctx = LossContext.from_targets(labels, target, np.ones_like(target))  # pos_weight from these targets
-        self.model = build_model(backbone, "linear", NUM_LABELS).to(device).train()
-        self.objective = Objective({"weighted_bce": 1.0}, ctx).to(device)
-        params = list(self.model.parameters()) + list(self.objective.parameters())
-        self.opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-5, fused=True if device.type == "cuda" else None)
-        self.batches = batches
-        self.device = device
-
-    def run(self, steps: int) -> None:
-        for k in range(steps):
-            b = self.batches[k % len(self.batches)]
-            loss, _ = self.objective(self.model(b["image"]), b)
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt.step()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
 
 
 def main() -> None:
@@ -70,7 +42,7 @@ def main() -> None:
     batches = [{"image": torch.rand(args.batch, 1, args.size, args.size, generator=g).to(device),
                 "target": (torch.rand(args.batch, NUM_LABELS, generator=g) < 0.2).float().to(device),
                 "mask": torch.ones(args.batch, NUM_LABELS, device=device)} for _ in range(4)]
-    runs = {name: Step(name, device, batches) for name in names}
+    runs = {name: Step(name, "linear", {"weighted_bce": 1.0}, device, batches) for name in names}
     times = interleaved_ms_per_step(runs, args.steps, args.repeats)
     base = statistics.median(times[REFERENCE])
     print(f"\nlinear head + weighted BCE + AdamW, {args.size} px, batch {args.batch}, {NUM_LABELS} labels, "
