@@ -73,9 +73,9 @@ def _testable(positive: np.ndarray, known: np.ndarray) -> np.ndarray:
 
 def _left_out(positive: np.ndarray, known: np.ndarray, names, tested: np.ndarray) -> dict:
     """name → {positives, negatives} of the labels not tested."""
+    untested = np.setdiff1d(np.arange(len(names)), tested)
     return {names[j]: {"positives": int((positive[:, j] & known[:, j]).sum()),
-                       "negatives": int((~positive[:, j] & known[:, j]).sum())}
-            for j in range(len(names)) if j not in set(tested.tolist())}
+                       "negatives": int((~positive[:, j] & known[:, j]).sum())} for j in untested}
 
 
 def _plans(p: np.ndarray, positive: np.ndarray, known: np.ndarray, labels) -> tuple[list, list]:
